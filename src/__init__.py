@@ -1,0 +1,1 @@
+"""LLaVA experiment kit: vision tower + projector + LLM, trained with Lightning."""

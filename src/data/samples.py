@@ -1,0 +1,114 @@
+"""From a decoded shard sample to model-ready examples, one per chosen view.
+
+A shard sample can be read several ways: as a caption (stage-1 alignment), as its
+instruction conversation (stage 2), or as its multiple-choice questions (evaluation).
+The view is data configuration, so one shard set serves every stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from src.data.conversation import (
+    IMAGE_TAG,
+    MC_FORMATS,
+    OPTION_LETTERS,
+    ConversationEncoder,
+    SampleError,
+    multiple_choice_answer,
+    multiple_choice_prompt,
+)
+
+VIEWS = ("conversations", "caption", "mc")
+BLANK_GREY = (128, 128, 128)
+
+
+@dataclass
+class Example:
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    pixel_values: torch.Tensor | None  # (num_images, 3, H, W)
+    mc: dict | None = field(default=None)  # candidates, answer, type, format for multiple choice
+
+
+def _chats(record: dict, view: str, num_images: int, mc_format: str) -> list[tuple[list[dict], dict | None]]:
+    if view == "conversations":
+        if "conversations" not in record:
+            raise SampleError("missing_field", "no 'conversations' in the sample")
+        return [(record["conversations"], None)]
+    if view == "caption":
+        text = record.get("caption")
+        if not isinstance(text, str) or not text.strip():
+            raise SampleError("missing_field", "no caption in the sample")
+        tags = "\n".join(IMAGE_TAG for _ in range(num_images))
+        return [([{"from": "human", "value": tags}, {"from": "gpt", "value": text}], None)]
+    chats = []
+    for mc in record.get("mc") or []:
+        try:
+            question, options, answer = mc["question"], list(mc["options"]), int(mc["answer"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise SampleError("bad_mc", f"a multiple-choice item lacks question/options/answer ({error})") from error
+        if not 2 <= len(options) <= len(OPTION_LETTERS):
+            raise SampleError("bad_mc", f"{len(options)} options; a question needs 2 to {len(OPTION_LETTERS)}")
+        if not 0 <= answer < len(options):
+            raise SampleError("bad_mc", f"answer {answer} is not one of {len(options)} options")
+        prompt = "\n".join(IMAGE_TAG for _ in range(num_images)) + "\n" + multiple_choice_prompt(question, options, mc_format)
+        reply = multiple_choice_answer(options, answer, mc_format)
+        chat = [{"from": "human", "value": prompt.lstrip("\n")}, {"from": "gpt", "value": reply}]
+        chats.append((chat, {"options": options, "answer": answer, "type": str(mc.get("type", "all"))}))
+    if not chats:
+        raise SampleError("missing_field", "no multiple-choice questions in the sample")
+    return chats
+
+
+class ExampleBuilder:
+    """Applies the image transform and the conversation encoder to decoded samples."""
+
+    def __init__(
+        self,
+        encoder: ConversationEncoder,
+        image_transform: Callable[[Image.Image], torch.Tensor],
+        view: str | list[str],
+        blank_images: bool = False,
+        mc_format: str = "letter",
+    ) -> None:
+        views = [view] if isinstance(view, str) else list(view)
+        for name in views:
+            if name not in VIEWS:
+                raise ValueError(f"unknown view {name!r}; choose one of {list(VIEWS)}")
+        if mc_format not in MC_FORMATS:
+            raise ValueError(f"unknown multiple-choice format {mc_format!r}; choose one of {list(MC_FORMATS)}")
+        self.mc_format = mc_format
+        self.encoder = encoder
+        self.image_transform = image_transform
+        self.views = views
+        self.blank_images = blank_images
+
+    def _reply_ids(self, reply: str) -> list[int]:
+        """The supervised ids of a reply (end of turn included), as the template tokenizes it."""
+        encoded = self.encoder.encode([{"from": "human", "value": "?"}, {"from": "gpt", "value": reply}], 0)
+        return [label for label in encoded.labels if label >= 0]
+
+    def _candidates(self, options: list[str]) -> list[list[int]]:
+        """Each option's full reply, for ranking (`letter`, `option`) or counting (`reasoned`)."""
+        return [self._reply_ids(multiple_choice_answer(options, k, self.mc_format)) for k in range(len(options))]
+
+    def __call__(self, record: dict, images: list[Image.Image]) -> list[Example]:
+        if self.blank_images:
+            images = [Image.new("RGB", image.size, BLANK_GREY) for image in images]
+        pixels = torch.stack([self.image_transform(image) for image in images]) if images else None
+        examples = []
+        chats = [chat for view in self.views for chat in _chats(record, view, len(images), self.mc_format)]
+        for chat, mc in chats:
+            encoded = self.encoder.encode(chat, num_images=len(images))
+            if mc is not None:
+                mc = {"candidates": self._candidates(mc["options"]), "answer": mc["answer"], "type": mc["type"],
+                      "format": self.mc_format}  # fmt: skip
+            examples.append(
+                Example(torch.tensor(encoded.input_ids), torch.tensor(encoded.labels), pixels, mc)
+            )
+        return examples

@@ -1,0 +1,181 @@
+"""LlavaModel: vision tower -> projector -> features spliced into the LLM's token embeddings.
+
+Plain PyTorch; Lightning lives in `src/training`. Each `<image>` tag has already been
+expanded by the data pipeline into as many placeholder ids as the image has tokens, so
+splicing is one masked scatter, and a batch may mix samples with and without images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from src.data.conversation import IGNORE_INDEX
+
+
+@dataclass
+class LlavaOutput:
+    loss: torch.Tensor | None
+    hidden_states: torch.Tensor  # (batch, length, hidden), the decoder's last layer
+    supervised_tokens: int
+
+
+class LlavaModel(nn.Module):
+    def __init__(self, vision: nn.Module, projector: nn.Module, llm: nn.Module, image_token_id: int) -> None:
+        super().__init__()
+        self.vision = vision
+        self.projector = projector
+        self.llm = llm
+        self.image_token_id = image_token_id
+
+    @property
+    def image_tokens(self) -> int:
+        """Placeholder tokens one image becomes in the sequence."""
+        return self.projector.num_tokens(self.vision.num_tokens)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(images, 3, H, W) -> (images, tokens, llm hidden)."""
+        if any(p.requires_grad for p in self.vision.parameters()):
+            features = self.vision(pixel_values)
+        else:
+            with torch.no_grad():  # a frozen tower needs no activations kept for backward
+                features = self.vision(pixel_values)
+        return self.projector(features)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        embeddings = self.llm.get_input_embeddings()(input_ids)
+        slots = input_ids == self.image_token_id
+        n_slots = int(slots.sum())
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if n_slots:
+                raise ValueError(f"{n_slots} image placeholder tokens but no images in the batch")
+            return embeddings
+        features = self.encode_images(pixel_values.to(embeddings.dtype))
+        if features.shape[0] * features.shape[1] != n_slots:
+            raise ValueError(
+                f"{features.shape[0]} images make {features.shape[0] * features.shape[1]} tokens "
+                f"but the batch has {n_slots} image placeholder tokens"
+            )
+        # row-major order of the slots = sample order, then image order within a sample
+        return embeddings.masked_scatter(slots.unsqueeze(-1), features.to(embeddings.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> LlavaOutput:
+        embeddings = self.embed(input_ids, pixel_values)
+        decoder = self.llm.get_decoder()
+        hidden = decoder(inputs_embeds=embeddings, attention_mask=attention_mask).last_hidden_state
+        if labels is None:
+            return LlavaOutput(None, hidden, 0)
+        loss, count = self.supervised_loss(hidden, labels)
+        return LlavaOutput(loss, hidden, count)
+
+    def supervised_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Mean cross-entropy over supervised tokens; logits exist only at those positions.
+
+        Most positions of a LLaVA batch are image or prompt tokens: projecting them all to
+        the vocabulary would cost memory and time for nothing.
+        """
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        count = int(keep.sum())
+        if count == 0:
+            return hidden.sum() * 0.0, 0  # keeps the graph (and DDP) whole
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), targets[keep]), count
+
+    def logits_at(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Next-token logits at one position per row: (batch,) -> (batch, vocab)."""
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self.llm.get_output_embeddings()(hidden[rows, positions]).float()
+
+    @torch.no_grad()
+    def score_candidates(
+        self,
+        input_ids: torch.Tensor,
+        prompt_lengths: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        candidates: list[list[list[int]]],
+    ) -> torch.Tensor:
+        """Log-likelihood of each candidate reply after each row's prompt: (rows, max options).
+
+        The images are encoded once; every candidate continues its row's prompt embeddings.
+        Rows with fewer candidates are padded with -inf.
+        """
+        embeddings = self.embed(input_ids, pixel_values)
+        table = self.llm.get_input_embeddings()
+        pieces, targets, owners = [], [], []
+        for row, options in enumerate(candidates):
+            n = int(prompt_lengths[row])
+            for k, ids in enumerate(options):
+                ids_t = torch.tensor(ids, dtype=torch.long, device=input_ids.device)
+                pieces.append(torch.cat([embeddings[row, :n], table(ids_t).to(embeddings.dtype)]))
+                targets.append(torch.cat([ids_t.new_full((n,), IGNORE_INDEX), ids_t]))
+                owners.append((row, k))
+        scores = torch.full((len(candidates), max(map(len, candidates))), float("-inf"), device=input_ids.device)
+        if not pieces:
+            return scores
+        length = max(p.shape[0] for p in pieces)
+        batch = embeddings.new_zeros(len(pieces), length, embeddings.shape[2])
+        labels = torch.full((len(pieces), length), IGNORE_INDEX, dtype=torch.long, device=input_ids.device)
+        mask = torch.zeros((len(pieces), length), dtype=torch.long, device=input_ids.device)
+        for i, (piece, target) in enumerate(zip(pieces, targets)):
+            batch[i, : piece.shape[0]], labels[i, : piece.shape[0]], mask[i, : piece.shape[0]] = piece, target, 1
+        hidden = self.llm.get_decoder()(inputs_embeds=batch, attention_mask=mask).last_hidden_state
+        shifted = labels[:, 1:]
+        keep = shifted != IGNORE_INDEX
+        log_probs = torch.log_softmax(self.llm.get_output_embeddings()(hidden[:, :-1][keep]).float(), dim=-1)
+        token_scores = log_probs.gather(1, shifted[keep].unsqueeze(1)).squeeze(1)
+        per_piece = torch.zeros(len(pieces), device=input_ids.device).index_add_(0, keep.nonzero()[:, 0], token_scores)
+        for i, (row, k) in enumerate(owners):
+            scores[row, k] = per_piece[i]
+        return scores
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        prompt_lengths: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        max_new_tokens: int,
+        eos_token_id: int,
+    ) -> list[list[int]]:
+        """Greedy decoding of right-padded prompts, without left padding.
+
+        Each row writes its next token at its own end: with a causal decoder the logits at
+        a row's last real token never see the padding after it, so no row's answer depends
+        on the others' lengths (batched output equals unbatched output).
+        """
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        prompt_mask = torch.arange(input_ids.shape[1], device=input_ids.device)[None] < prompt_lengths[:, None]
+        embeddings = self.embed(input_ids, pixel_values)  # tokens past a prompt are masked, then overwritten
+        width = input_ids.shape[1] + max_new_tokens
+        buffer = embeddings.new_zeros(embeddings.shape[0], width, embeddings.shape[2])
+        buffer[:, : embeddings.shape[1]] = embeddings
+        mask = torch.zeros(buffer.shape[:2], dtype=torch.long, device=input_ids.device)
+        mask[:, : prompt_mask.shape[1]] = prompt_mask.long()
+        lengths = prompt_lengths.clone()
+        table = self.llm.get_input_embeddings()
+        decoder = self.llm.get_decoder()
+        outputs: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            end = int(lengths.max())
+            hidden = decoder(inputs_embeds=buffer[:, :end], attention_mask=mask[:, :end]).last_hidden_state
+            tokens = self.logits_at(hidden, lengths - 1).argmax(dim=-1)
+            for row in (~done).nonzero().flatten().tolist():
+                outputs[row].append(int(tokens[row]))
+            done |= tokens == eos_token_id
+            if bool(done.all()):
+                break
+            buffer[rows, lengths] = table(tokens).to(buffer.dtype)
+            mask[rows, lengths] = 1
+            lengths = lengths + 1
+        return [out[:-1] if out and out[-1] == eos_token_id else out for out in outputs]

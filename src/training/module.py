@@ -1,0 +1,243 @@
+"""LlavaLitModule: builds the model, decides what trains, optimises, and scores.
+
+The heavy parts are built in `configure_model`, so later strategies (FSDP) can shard them
+as they appear; the tokenizer is light and loaded at once, because data and model both
+need it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from transformers import AutoTokenizer
+
+from src.data.conversation import IGNORE_INDEX, IMAGE_TAG, parse_choice
+from src.eval.multiple_choice import MultipleChoiceAccuracy
+from src.model.language import LLMConfig, build_llm
+from src.model.llava import LlavaModel
+from src.model.projector import ProjectorConfig, build_projector
+from src.model.vision import VisionConfig, build_vision_tower
+
+log = logging.getLogger(__name__)
+PARTS = ("vision", "projector", "llm")
+PART_MODES = ("frozen", "full")
+
+
+@dataclass
+class FreezeConfig:
+    """Per part: `frozen` or `full` (trained). LLaVA stage 1 trains only the projector."""
+
+    vision: str = "frozen"
+    projector: str = "full"
+    llm: str = "frozen"
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 2e-5
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """Applied to matrices only, never to biases, norms or embeddings' 1-D parameters."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = 0.03
+    """Fraction of all steps spent warming up linearly from 0."""
+    warmup_steps: int | None = None
+    """Warm-up steps; overrides warmup_ratio when set."""
+    min_lr_ratio: float = 0.0
+    """The cosine decays to lr * min_lr_ratio at the last step."""
+
+
+def _as_config(cls: type, value: object):
+    """Configs arrive as dataclasses from the CLI and as dicts from a checkpoint's hparams."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        return cls(**value)
+    raise TypeError(f"expected {cls.__name__} or a dict, got {type(value).__name__}")
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate at `step`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LlavaLitModule(LightningModule):
+    def __init__(
+        self,
+        tokenizer: str,
+        vision: VisionConfig | None = None,
+        projector: ProjectorConfig | None = None,
+        llm: LLMConfig | None = None,
+        freeze: FreezeConfig | None = None,
+        optimizer: OptimizerConfig | None = None,
+        max_new_tokens: int = 32,
+    ) -> None:
+        """
+        Args:
+            tokenizer: hub id or folder of the tokenizer; it must know the `<image>` token.
+            vision: the vision tower.
+            projector: the projector by registered name.
+            llm: the language model.
+            freeze: what trains, per part.
+            optimizer: AdamW with linear warm-up and cosine decay.
+            max_new_tokens: longest generated reply when evaluating (`reasoned` multiple choice).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.vision_config = _as_config(VisionConfig, vision)
+        self.projector_config = _as_config(ProjectorConfig, projector)
+        self.llm_config = _as_config(LLMConfig, llm)
+        self.freeze_config = _as_config(FreezeConfig, freeze)
+        self.optimizer_config = _as_config(OptimizerConfig, optimizer)
+        for part in PARTS:
+            mode = getattr(self.freeze_config, part)
+            if mode not in PART_MODES:
+                raise ValueError(f"freeze.{part}: unknown mode {mode!r}; choose one of {list(PART_MODES)}")
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TAG)
+        if image_id is None or image_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer {tokenizer!r} has no {IMAGE_TAG} token")
+        self.image_token_id = image_id
+        self.model: LlavaModel | None = None
+        self.val_mc = MultipleChoiceAccuracy()
+        self.test_mc = MultipleChoiceAccuracy()
+        self.skipped: Counter[str] = Counter()
+
+    # ---- building -------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        vision = build_vision_tower(self.vision_config)
+        llm = build_llm(self.llm_config, vocab_size=len(self.tokenizer))
+        projector = build_projector(self.projector_config, vision.hidden_size, llm.config.get_text_config().hidden_size)
+        self.model = LlavaModel(vision, projector, llm, self.image_token_id)
+        self.apply_freeze()
+
+    def apply_freeze(self) -> None:
+        assert self.model is not None
+        lines = []
+        for part in PARTS:
+            module = getattr(self.model, part)
+            trains = getattr(self.freeze_config, part) == "full"
+            module.requires_grad_(trains)
+            count = sum(p.numel() for p in module.parameters())
+            lines.append(f"  {part:<10} {'trains' if trains else 'frozen':<7} {count:>14,d} parameters")
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        rank_zero_info("what trains:\n" + "\n".join(lines) + f"\n  {'total':<18} {trainable:>14,d} trainable")
+
+    def data_spec(self) -> dict:
+        """What the data pipeline needs of the model, and nothing more."""
+        self.configure_model()
+        assert self.model is not None
+        return {
+            "tokenizer": self.tokenizer,
+            "image_transform": self.model.vision.image_transform(),
+            "image_tokens": self.model.image_tokens,
+        }
+
+    # ---- steps ----------------------------------------------------------------------
+    def forward(self, batch: dict):
+        return self.model(
+            batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("labels")
+        )
+
+    def _count_skips(self, batch: dict, stage: str) -> None:
+        skipped = batch.pop("skipped", None) or {}
+        for reason, n in skipped.items():
+            self.skipped[f"{stage}/{reason}"] += n
+        if skipped or stage == "train":
+            for key, n in self.skipped.items():
+                if key.startswith(stage):
+                    self.log(f"data/skipped_{key.replace('/', '_')}", float(n), on_step=True, on_epoch=False)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self._count_skips(batch, "train")
+        out = self(batch)
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
+        self.log("train/supervised_tokens", float(out.supervised_tokens), batch_size=size)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size)
+        return out.loss
+
+    def _evaluate(self, batch: dict, stage: str, metric: MultipleChoiceAccuracy) -> None:
+        self._count_skips(batch, stage)
+        out = self(batch)
+        size = batch["input_ids"].shape[0]
+        self.log(f"{stage}/loss", out.loss, batch_size=size, sync_dist=True)
+        if "mc_answer" in batch:
+            predicted, answer, types = self.choose(batch)
+            metric.update(predicted, answer, types)
+
+    def choose(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """The model's option per multiple-choice row (see MC_FORMATS): the candidate reply it
+        ranks highest for `letter` and `option`; for `reasoned`, the letter its greedy reply
+        names ("The answer is X"), or -1 (wrong) when it names none."""
+        rows = (batch["mc_answer"] >= 0).nonzero().flatten()
+        if len(rows) != batch["input_ids"].shape[0]:
+            raise ValueError("a multiple-choice evaluation batch must hold only questions")
+        prompt_lengths = (batch["labels"] != IGNORE_INDEX).int().argmax(dim=1)
+        candidates = batch["mc_candidates"]
+        if batch["mc_format"] == "reasoned":
+            replies = self.model.generate(
+                batch["input_ids"], prompt_lengths, batch.get("pixel_values"),
+                self.hparams.max_new_tokens, self.tokenizer.eos_token_id,
+            )  # fmt: skip
+            picked = []
+            for reply, options in zip(replies, candidates):
+                choice = parse_choice(self.tokenizer.decode(reply, skip_special_tokens=True), len(options))
+                picked.append(-1 if choice is None else choice)
+            predicted = torch.tensor(picked, device=rows.device)
+        else:
+            scores = self.model.score_candidates(
+                batch["input_ids"], prompt_lengths, batch.get("pixel_values"), candidates
+            )
+            predicted = scores.argmax(dim=1)
+        return predicted, batch["mc_answer"], list(batch["mc_type"])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_mc)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_mc)
+
+    def _log_mc(self, stage: str, metric: MultipleChoiceAccuracy) -> None:
+        result = metric.compute()
+        metric.reset()
+        for name, value in result.items():
+            key = f"{stage}/mc_accuracy" if name == "all" else f"{stage}/mc_accuracy_{name}"
+            self.log(key, value, prog_bar=name == "all")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_mc("val", self.val_mc)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_mc("test", self.test_mc)
+
+    # ---- optimisation ---------------------------------------------------------------
+    def configure_optimizers(self):
+        cfg = self.optimizer_config
+        decay, no_decay = [], []
+        for param in self.model.parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        if not decay and not no_decay:
+            raise ValueError("nothing trains: every part is frozen")
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, max(warmup, 1), total, cfg.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
