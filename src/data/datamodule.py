@@ -111,6 +111,7 @@ class ShardStream(IterableDataset):
         self.batches_per_epoch = batches_per_epoch
         self.skips = SkipCounter()
         self.expected = read_sizes(shards)  # to count samples a cut tar lost without an error
+        self.report_shard_errors = True
         self._stream: Iterator[dict] | None = None
 
     def __len__(self) -> int:
@@ -124,7 +125,8 @@ class ShardStream(IterableDataset):
         return self.rank * workers + worker, self.world_size * workers
 
     def _on_shard_error(self, error: Exception) -> bool:
-        self.skips.skip("bad_shard", repr(error))
+        if self.report_shard_errors:
+            self.skips.skip("bad_shard", repr(error))
         return True  # go on with the next member or shard
 
     def _raw_samples(self, shards: list[str], report_missing: bool = True) -> Iterator[dict]:
@@ -156,11 +158,13 @@ class ShardStream(IterableDataset):
             )
         passes = 0
         while True:
+            produced = 0
             order = self.shards[:]
             random.Random(self.seed + passes).shuffle(order)
             rng = random.Random(f"{self.seed}-{passes}-{slot}")
             buffer: list[Example] = []
             for example in self._examples(self._raw_samples(order[slot::slots])):
+                produced += 1
                 if self.shuffle_buffer <= 0:
                     yield example
                     continue
@@ -172,11 +176,16 @@ class ShardStream(IterableDataset):
                 buffer[index] = example
             rng.shuffle(buffer)
             yield from buffer
+            if produced == 0:  # endless retries of unusable shards would hang every rank
+                raise RuntimeError(
+                    f"no usable sample in training shards {order[slot::slots]}; skipped: {dict(self.skips.total)}"
+                )
             passes += 1
 
     def _evaluation_examples(self) -> Iterator[Example]:
         slot, slots = self._slot()
-        samples = self._raw_samples(self.shards, report_missing=slot == 0)  # every slot reads all
+        self.report_shard_errors = slot == 0  # every slot reads every shard: one reports
+        samples = self._raw_samples(self.shards, report_missing=slot == 0)
         raw = (sample for i, sample in enumerate(samples) if i % slots == slot)
         yield from self._examples(raw)
 
@@ -191,6 +200,9 @@ class ShardStream(IterableDataset):
             pending.append(example)
         if pending:
             yield self._batch(pending)
+        elif self.skips.pending():
+            # a reader that built nothing still hands on what it skipped
+            yield {"skipped": self.skips.take(), "empty": True}
 
     def _batch(self, examples: list[Example]) -> dict:
         batch = collate(examples, self.pad_id)
@@ -310,7 +322,8 @@ class LlavaDataModule(LightningDataModule):
         samples = hp.samples_per_epoch or count_samples(shards)
         if samples is None:
             raise ValueError("set data.samples_per_epoch: the training shards have no sizes.json beside them")
-        batches = max(1, samples // (hp.batch_size * world))
+        views = 1 if isinstance(hp.train_view, str) else len(hp.train_view)
+        batches = max(1, samples * views // (hp.batch_size * world))  # each view is an example
         stream = ShardStream(
             shards, self._builder(hp.train_view), hp.batch_size, self._pad_id(),
             rank=rank, world_size=world, seed=hp.seed, shuffle_buffer=hp.shuffle_buffer,

@@ -79,6 +79,9 @@ class SkipCounter:
         if self.total[reason] <= self.log_first:
             log.warning("skipped a sample (%s): %s", reason, detail)
 
+    def pending(self) -> bool:
+        return bool(self._pending)
+
     def take(self) -> dict[str, int]:
         """Counts since the last call; batches carry them to the training process."""
         pending, self._pending = dict(self._pending), Counter()

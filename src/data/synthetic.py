@@ -274,9 +274,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val", type=int, default=500, help="validation scenes")
     parser.add_argument("--test", type=int, default=500, help="test scenes")
     parser.add_argument("--per-shard", type=int, default=500, help="scenes per tar shard")
-    parser.add_argument("--image-size", type=int, default=SceneSpec.image_size)
+    parser.add_argument("--image-size", type=int, default=SceneSpec.image_size, help="pixels per side")
+    parser.add_argument("--grid", type=int, default=SceneSpec.grid, help="cells per side")
     args = parser.parse_args(argv)
-    spec = SceneSpec(image_size=args.image_size)
+    spec = SceneSpec(image_size=args.image_size, grid=args.grid)
     generate_demo(args.out, args.train, args.val, args.test, args.per_shard, spec)
     print(f"wrote demo shards and tokenizer to {args.out}")
 

@@ -9,7 +9,9 @@ from torchmetrics import Metric
 
 
 def _group_id(name: str) -> int:
-    return zlib.crc32(name.encode())  # the same on every rank, unlike an order of first sight
+    # the same on every rank, unlike an order of first sight; 24 bits so that it is exact
+    # in float32, the dtype torchmetrics gives the empty state of a rank that saw nothing
+    return zlib.crc32(name.encode()) & 0xFFFFFF
 
 
 class MultipleChoiceAccuracy(Metric):
@@ -27,7 +29,7 @@ class MultipleChoiceAccuracy(Metric):
         ids = [_group_id(g) for g in groups]
         self.names.update(zip(ids, groups))
         self.correct.append((predicted == answer).float())
-        self.group.append(torch.tensor(ids, dtype=torch.long, device=answer.device))
+        self.group.append(torch.tensor(ids, dtype=torch.float32, device=answer.device))
 
     def compute(self) -> dict[str, torch.Tensor]:
         if isinstance(self.correct, list) and not self.correct:
@@ -41,7 +43,7 @@ class MultipleChoiceAccuracy(Metric):
             for other in gathered:
                 names.update(other)
         result = {"all": correct.mean()}
-        for gid in sorted(set(group.tolist())):
+        for gid in sorted({int(g) for g in group.tolist()}):
             name = names.get(gid, f"group{gid}")
             result[name] = correct[group == gid].mean()
         return result

@@ -40,6 +40,20 @@ def resolve_attention(requested: str) -> str:
     return requested
 
 
+def _coerce(value: object, default: object) -> object:
+    """Values set on the command line (`--model.llm.config.hidden_size 256`) arrive as text."""
+    if not isinstance(value, str) or isinstance(default, str) or default is None:
+        return value
+    if isinstance(default, bool):
+        if value.lower() not in ("true", "false"):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value.lower() == "true"
+    if isinstance(default, (int, float)):
+        number = float(value)
+        return int(number) if isinstance(default, int) and number.is_integer() else number
+    return value
+
+
 def build_llm(config: LLMConfig, vocab_size: int) -> PreTrainedModel:
     """Builds the LLM; grows its embeddings when the tokenizer has more tokens (`<image>`)."""
     if config.dtype not in DTYPES:
@@ -58,6 +72,7 @@ def build_llm(config: LLMConfig, vocab_size: int) -> PreTrainedModel:
         unknown = sorted(set(fields) - set(known))
         if unknown:
             raise ValueError(f"llm.config has keys that {model_type} configs do not know: {unknown}")
+        fields = {key: _coerce(value, known[key]) for key, value in fields.items()}
         hf_config = AutoConfig.for_model(model_type, **fields)
         model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attention, dtype=dtype)
     if model.get_input_embeddings().num_embeddings < vocab_size:

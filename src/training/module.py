@@ -172,6 +172,8 @@ class LlavaLitModule(LightningModule):
 
     def _evaluate(self, batch: dict, stage: str, metric: MultipleChoiceAccuracy) -> None:
         self._count_skips(batch, stage)
+        if batch.get("empty"):
+            return  # only skip counts from a reader that built no example
         out = self(batch)
         size = batch["input_ids"].shape[0]
         self.log(f"{stage}/loss", out.loss, batch_size=size, sync_dist=True)

@@ -1,0 +1,244 @@
+"""src.data.samples: one decoded sample read as conversations, caption or multiple choice."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from src.data.conversation import IGNORE_INDEX, OPTION_LETTERS, SampleError, multiple_choice_prompt
+from src.data.decode import decode_sample
+from src.data.samples import ExampleBuilder
+from src.model.vision import ImageTransform
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+IMAGE_TOKENS = 16  # conftest's encoders: a 64 px image, 16 px patches -> 4x4 placeholders
+
+
+@pytest.fixture
+def sample(demo_dir, read_tar):
+    key, members = read_tar(demo_dir / "val-000000.tar")[0]
+    return decode_sample(members)
+
+
+def supervised(example) -> list[int]:
+    return [int(t) for t in example.labels if t != IGNORE_INDEX]
+
+
+def decoded(tokenizer, candidates: list[list[int]]) -> list[str]:
+    return [tokenizer.decode(c) for c in candidates]
+
+
+def test_mc_view_makes_one_example_per_question(make_builder, sample, tokenizer, image_transform):
+    record, images = sample
+    examples = make_builder("mc")(record, images)
+    assert len(examples) == len(record["mc"]) >= 1
+    pixels = image_transform(images[0]).unsqueeze(0)
+    letter_replies = [[tokenizer.convert_tokens_to_ids(x), tokenizer.eos_token_id] for x in "ABCD"]
+    for example, mc in zip(examples, record["mc"], strict=True):
+        letter = OPTION_LETTERS[mc["answer"]]
+        assert example.mc == {
+            "candidates": letter_replies,
+            "answer": mc["answer"],
+            "type": mc["type"],
+            "format": "letter",
+        }
+        assert supervised(example) == [tokenizer.convert_tokens_to_ids(letter), tokenizer.eos_token_id]
+        assert supervised(example) == example.mc["candidates"][mc["answer"]]
+        prompt = tokenizer.decode(
+            [
+                t
+                for t, label in zip(example.input_ids.tolist(), example.labels.tolist(), strict=True)
+                if label == IGNORE_INDEX and t != tokenizer.convert_tokens_to_ids("<image>")
+            ]
+        )
+        expected = tokenizer.decode(
+            tokenizer(
+                "USER: " + multiple_choice_prompt(mc["question"], mc["options"]) + " ASSISTANT:",
+                add_special_tokens=False,
+            )["input_ids"]
+        )
+        assert prompt == "<s> " + expected
+        assert int((example.input_ids == tokenizer.convert_tokens_to_ids("<image>")).sum()) == IMAGE_TOKENS
+        assert example.input_ids.dtype == torch.long and example.labels.shape == example.input_ids.shape
+        assert torch.equal(example.pixel_values, pixels)
+
+
+def test_letter_candidates_decode_to_the_letters(make_builder, tokenizer):
+    record = {"mc": [{"question": "What colour is the square?", "options": list("abcdef"), "answer": 4}]}
+    (example,) = make_builder("mc", mc_format="letter")(record, [Image.new("RGB", (64, 64))])
+    assert decoded(tokenizer, example.mc["candidates"]) == [f"{x} </s>" for x in "ABCDEF"]
+    assert supervised(example) == example.mc["candidates"][4]
+    assert tokenizer.unk_token_id not in [t for c in example.mc["candidates"] for t in c]
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "plain"])
+def test_option_candidates_decode_to_each_option(make_builder, sample, tokenizer, template):
+    record, images = sample
+    examples = make_builder("mc", mc_format="option", template=template)(record, images)
+    assert len(examples) == len(record["mc"])
+    for example, mc in zip(examples, record["mc"], strict=True):
+        assert example.mc["format"] == "option"
+        assert (example.mc["answer"], example.mc["type"]) == (mc["answer"], mc["type"])
+        assert decoded(tokenizer, example.mc["candidates"]) == [f"{option} </s>" for option in mc["options"]]
+        # the right candidate is exactly what the example supervises
+        assert example.mc["candidates"][mc["answer"]] == supervised(example)
+        assert tokenizer.decode(supervised(example)) == f"{mc['options'][mc['answer']]} </s>"
+        assert example.mc["candidates"] == [
+            tokenizer(option, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            for option in mc["options"]
+        ]
+
+
+def test_option_candidates_of_several_words_and_lengths(make_builder, tokenizer):
+    options = ["red circle", "blue", "a green square", "yellow"]
+    record = {"mc": [{"question": "What is drawn?", "options": options, "answer": 2, "type": "kind"}]}
+    (example,) = make_builder("mc", mc_format="option")(record, [Image.new("RGB", (64, 64))])
+    assert decoded(tokenizer, example.mc["candidates"]) == [f"{option} </s>" for option in options]
+    assert [len(c) for c in example.mc["candidates"]] == [3, 2, 4, 2]
+    assert example.mc["candidates"][2] == supervised(example)
+    assert example.mc["type"] == "kind"
+
+
+def test_reasoned_mc_view(make_builder, sample, tokenizer):
+    record, images = sample
+    builder = make_builder("mc", mc_format="reasoned")
+    examples = builder(record, images)
+    assert len(examples) == len(record["mc"])
+    for example, mc in zip(examples, record["mc"], strict=True):
+        word, letter = mc["options"][mc["answer"]], OPTION_LETTERS[mc["answer"]]
+        assert tokenizer.decode(supervised(example)) == f"{word} . The answer is {letter} . </s>"
+        assert example.mc["format"] == "reasoned"
+        assert decoded(tokenizer, example.mc["candidates"]) == [
+            f"{option} . The answer is {x} . </s>" for option, x in zip(mc["options"], "ABCD", strict=True)
+        ]
+        assert example.mc["candidates"][mc["answer"]] == supervised(example)
+    assert tokenizer.unk_token_id not in torch.cat([e.input_ids for e in examples]).tolist()
+
+
+def test_mc_type_defaults_to_all(make_builder, tokenizer):
+    record = {"mc": [{"question": "q", "options": ["red", "blue"], "answer": 1}]}
+    (example,) = make_builder("mc")(record, [Image.new("RGB", (64, 64))])
+    assert example.mc["type"] == "all" and example.mc["answer"] == 1
+
+
+def test_unknown_mc_format(make_builder):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("unknown multiple-choice format 'free'; choose one of ['letter', 'option', 'reasoned']"),
+    ):
+        make_builder("mc", mc_format="free")
+
+
+def test_a_list_of_views_reads_each_sample_every_way_in_order(make_builder, sample, tokenizer):
+    record, images = sample
+    examples = make_builder(["conversations", "caption"])(record, images)
+    (conversation,) = make_builder("conversations")(record, images)
+    (caption,) = make_builder("caption")(record, images)
+    assert len(examples) == 2
+    for got, expected in zip(examples, (conversation, caption), strict=True):
+        assert torch.equal(got.input_ids, expected.input_ids) and torch.equal(got.labels, expected.labels)
+        assert torch.equal(got.pixel_values, expected.pixel_values) and got.mc is None
+    # the other order, and a view with several examples (one per question) in the list
+    reversed_views = make_builder(["caption", "conversations"])(record, images)
+    assert [e.input_ids.tolist() for e in reversed_views] == [
+        caption.input_ids.tolist(),
+        conversation.input_ids.tolist(),
+    ]
+    mixed = make_builder(["mc", "caption"])(record, images)
+    assert len(mixed) == len(record["mc"]) + 1
+    assert [e.mc is not None for e in mixed] == [True] * len(record["mc"]) + [False]
+    assert mixed[-1].input_ids.tolist() == caption.input_ids.tolist()
+    assert make_builder(("caption",))(record, images)[0].input_ids.tolist() == caption.input_ids.tolist()
+
+
+def test_conversations_view(make_builder, sample, make_encoder):
+    record, images = sample
+    (example,) = make_builder("conversations")(record, images)
+    expected = make_encoder().encode(record["conversations"], num_images=1)
+    assert example.input_ids.tolist() == expected.input_ids
+    assert example.labels.tolist() == expected.labels
+    assert example.mc is None and example.pixel_values.shape == (1, 3, 64, 64)
+
+
+def test_caption_view(make_builder, sample, tokenizer):
+    record, images = sample
+    (example,) = make_builder("caption")(record, images)
+    assert (
+        tokenizer.decode(supervised(example))
+        == tokenizer.decode(tokenizer(record["caption"], add_special_tokens=False)["input_ids"]) + " </s>"
+    )
+
+
+def test_blank_images_are_constant_grey(make_builder, sample):
+    record, images = sample
+    (example,) = make_builder("conversations", blank_images=True)(record, images)
+    grey = (128 / 255 - 0.5) / 0.5
+    torch.testing.assert_close(example.pixel_values, torch.full((1, 3, 64, 64), grey))
+
+
+def test_text_only_sample_has_no_pixels(make_builder):
+    record = {
+        "conversations": [{"from": "human", "value": "How many objects are there?"}, {"from": "gpt", "value": "two"}]
+    }
+    (example,) = make_builder("conversations")(record, [])
+    assert example.pixel_values is None
+
+
+def test_several_images_are_stacked_in_order(make_builder, image_transform):
+    images = [Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 255))]
+    record = {"caption": "A red circle."}
+    (example,) = make_builder("caption")(record, images)
+    assert torch.equal(example.pixel_values, torch.stack([image_transform(i) for i in images]))
+    assert int((example.input_ids == make_builder().encoder.image_token_id).sum()) == 2 * IMAGE_TOKENS
+
+
+@pytest.mark.parametrize(
+    ("view", "record", "reason"),
+    [
+        ("conversations", {"caption": "x"}, "missing_field"),
+        ("caption", {"conversations": []}, "missing_field"),
+        ("caption", {"caption": "   "}, "missing_field"),
+        ("mc", {"caption": "x"}, "missing_field"),
+        ("mc", {"mc": []}, "missing_field"),
+        ("mc", {"mc": [{"question": "q", "options": ["a", "b"]}]}, "bad_mc"),
+        ("mc", {"mc": [{"question": "q", "options": ["a", "b"], "answer": 2}]}, "bad_mc"),
+        ("mc", {"mc": [{"question": "q", "options": ["a", "b"], "answer": -1}]}, "bad_mc"),
+        ("mc", {"mc": [{"question": "q", "options": ["a", "b"], "answer": "B"}]}, "bad_mc"),
+        ("mc", {"mc": ["not a dict"]}, "bad_mc"),
+    ],
+)
+def test_unusable_records_are_sample_errors(make_builder, view, record, reason):
+    image = Image.new("RGB", (64, 64))
+    with pytest.raises(SampleError) as info:
+        make_builder(view)(record, [image])
+    assert info.value.reason == reason
+
+
+@pytest.mark.parametrize("options", [["only"], [], list("abcdefghi")])
+def test_wrong_option_count_is_bad_mc(make_builder, options):
+    with pytest.raises(SampleError) as info:
+        make_builder("mc")({"mc": [{"question": "q", "options": options, "answer": 0}]}, [Image.new("RGB", (64, 64))])
+    assert info.value.reason == "bad_mc"
+    assert str(info.value) == f"bad_mc: {len(options)} options; a question needs 2 to 8"
+
+
+def test_eight_options_are_enough(make_builder, tokenizer):
+    record = {"mc": [{"question": "q", "options": list("abcdefgh"), "answer": 7}]}
+    (example,) = make_builder("mc")(record, [Image.new("RGB", (64, 64))])
+    assert len(example.mc["candidates"]) == 8 and example.mc["answer"] == 7
+
+
+@pytest.mark.parametrize("view", ["chat", ["caption", "chat"]])
+def test_unknown_view(view):
+    with pytest.raises(ValueError, match=r"unknown view 'chat'; choose one of \['conversations', 'caption', 'mc'\]"):
+        ExampleBuilder(None, ImageTransform(8, (0.5,) * 3, (0.5,) * 3), view)
+
+
+def test_json_round_trip_of_the_fixture(sample, demo_dir, read_tar):
+    record, _ = sample
+    assert record == json.loads(read_tar(demo_dir / "val-000000.tar")[0][1]["json"])

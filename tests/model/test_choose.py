@@ -1,0 +1,133 @@
+"""src.training.module.LlavaLitModule.choose: the model's option per question, in each format.
+
+The reference runs every (prompt + candidate) sequence on its own through the language
+model's full logits, so the batched paths of score_candidates and generate are checked
+end to end against the data pipeline's batches (prompt lengths from the label mask).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from src.data.conversation import IGNORE_INDEX, ConversationEncoder, build_template, parse_choice
+from src.data.datamodule import ShardStream
+from src.data.samples import ExampleBuilder
+from src.model.language import LLMConfig
+from src.model.projector import ProjectorConfig
+from src.model.vision import VisionConfig
+from src.training.module import LlavaLitModule
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def module(demo_dir) -> LlavaLitModule:
+    torch.manual_seed(0)
+    lit = LlavaLitModule(
+        tokenizer=str(demo_dir / "tokenizer"),
+        vision=VisionConfig(
+            name="vit_tiny_patch16_224", image_size=64, kwargs=dict(patch_size=16, embed_dim=16, depth=2, num_heads=2)
+        ),
+        projector=ProjectorConfig("mlp", {"depth": 2}),
+        llm=LLMConfig(
+            config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256),
+            attn_implementation="sdpa",
+        ),
+        max_new_tokens=5,
+    )  # fmt: skip
+    lit.configure_model()
+    return lit.eval()
+
+
+def mc_batch(module, shards, fmt: str, rows: int = 6) -> dict:
+    spec = module.data_spec()
+    encoder = ConversationEncoder(spec["tokenizer"], build_template("vicuna_v1", ""), image_tokens=spec["image_tokens"])
+    builder = ExampleBuilder(encoder, spec["image_transform"], "mc", mc_format=fmt)
+    return next(iter(ShardStream(shards["val"], builder, batch_size=rows, pad_id=0)))
+
+
+def prompts_of(batch: dict) -> list[list[int]]:
+    out = []
+    for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+        first = int((labels != IGNORE_INDEX).nonzero()[0])
+        out.append(ids[:first].tolist())
+    return out
+
+
+def reference_score(model, prompt: list[int], pixels, candidate: list[int]) -> float:
+    logits = model.llm(inputs_embeds=model.embed(torch.tensor([prompt + candidate]), pixels)).logits[0]
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return sum(log_probs[len(prompt) - 1 + i, t].item() for i, t in enumerate(candidate))
+
+
+@pytest.mark.parametrize("fmt", ["letter", "option"])
+def test_ranked_formats_pick_the_best_scored_candidate(module, shards, fmt):
+    batch = mc_batch(module, shards, fmt)
+    with torch.no_grad():
+        predicted, answer, types = module.choose(batch)
+        expected = []
+        for row, (prompt, candidates) in enumerate(zip(prompts_of(batch), batch["mc_candidates"], strict=True)):
+            pixels = batch["pixel_values"][row : row + 1]  # one image per question
+            scores = [reference_score(module.model, prompt, pixels, c) for c in candidates]
+            expected.append(max(range(len(scores)), key=scores.__getitem__))
+    assert predicted.tolist() == expected
+    assert torch.equal(answer, batch["mc_answer"]) and types == batch["mc_type"]
+
+
+def reference_reply(model, prompt: list[int], pixels, steps: int, eos: int) -> list[int]:
+    embeds, out = model.embed(torch.tensor([prompt]), pixels), []
+    for _ in range(steps):
+        token = int(model.llm(inputs_embeds=embeds).logits[0, -1].argmax())
+        if token == eos:
+            break
+        out.append(token)
+        embeds = torch.cat([embeds, model.llm.get_input_embeddings()(torch.tensor([[token]]))], dim=1)
+    return out
+
+
+def test_reasoned_format_parses_the_greedy_reply(module, shards):
+    batch = mc_batch(module, shards, "reasoned", rows=4)
+    tokenizer = module.tokenizer
+    with torch.no_grad():
+        predicted, _, _ = module.choose(batch)
+        expected = []
+        for row, prompt in enumerate(prompts_of(batch)):
+            reply = reference_reply(
+                module.model, prompt, batch["pixel_values"][row : row + 1], 5, tokenizer.eos_token_id
+            )
+            choice = parse_choice(tokenizer.decode(reply, skip_special_tokens=True), 4)
+            expected.append(-1 if choice is None else choice)
+    assert predicted.tolist() == expected
+
+
+def test_reasoned_replies_are_read_as_letters(module, shards, monkeypatch):
+    """The generated ids are decoded and parsed; no "The answer is X" is -1, always wrong."""
+    batch = mc_batch(module, shards, "reasoned", rows=4)
+    tokenizer = module.tokenizer
+    texts = ["red . The answer is C .", "A circle .", "B", "The answer is D . The answer is A ."]
+    seen = {}
+
+    def fake_generate(input_ids, prompt_lengths, pixel_values, max_new_tokens, eos_token_id):
+        seen.update(lengths=prompt_lengths.tolist(), max_new_tokens=max_new_tokens, eos=eos_token_id)
+        return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    monkeypatch.setattr(module.model, "generate", fake_generate)
+    predicted, _, _ = module.choose(batch)
+    assert predicted.tolist() == [2, -1, 1, -1]
+    assert seen == {
+        "lengths": [len(p) for p in prompts_of(batch)],
+        "max_new_tokens": 5,
+        "eos": tokenizer.eos_token_id,
+    }
+
+
+def test_a_batch_mixing_questions_and_chats_is_refused(module, shards):
+    spec = module.data_spec()
+    encoder = ConversationEncoder(spec["tokenizer"], build_template("vicuna_v1", ""), image_tokens=spec["image_tokens"])
+    builder = ExampleBuilder(encoder, spec["image_transform"], ["mc", "conversations"])
+    batch = next(iter(ShardStream(shards["val"], builder, batch_size=8, pad_id=0)))
+    assert (batch["mc_answer"] < 0).any()  # the conversation rows
+    with pytest.raises(ValueError, match="a multiple-choice evaluation batch must hold only questions"):
+        module.choose(batch)

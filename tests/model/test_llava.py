@@ -1,0 +1,331 @@
+"""src.model.llava: image features spliced at placeholders, and the supervised-only loss."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from src.data.conversation import IGNORE_INDEX
+from src.model.language import LLMConfig, build_llm
+from src.model.llava import LlavaModel
+from src.model.projector import ProjectorConfig, build_projector
+from src.model.vision import TimmVisionTower, VisionConfig
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+IMG = 5  # the placeholder id
+PAD = 0
+VOCAB = 40
+T = 4  # tokens per image: a 32 px image with 16 px patches
+
+
+@pytest.fixture(scope="module")
+def model() -> LlavaModel:
+    torch.manual_seed(0)
+    vision = TimmVisionTower(
+        VisionConfig(
+            name="vit_tiny_patch16_224", image_size=32, kwargs=dict(patch_size=16, embed_dim=16, depth=2, num_heads=2)
+        )
+    )
+    projector = build_projector(ProjectorConfig("mlp", {"depth": 2}), vision.hidden_size, 32)
+    llm = build_llm(
+        LLMConfig(
+            config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64),
+            attn_implementation="sdpa",
+        ),
+        vocab_size=VOCAB,
+    )  # fmt: skip
+    return LlavaModel(vision, projector, llm, image_token_id=IMG).eval()
+
+
+def padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([row + [PAD] * (width - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    return ids, mask
+
+
+ROWS = [
+    [1, 7] + [IMG] * T + [8] + [IMG] * T + [9, 10, 11],  # two images
+    [1, 12, 13, 14, 15, 16, 17],  # text only
+    [1] + [IMG] * T + [18, 19],  # one image
+]
+
+
+@pytest.fixture(scope="module")
+def batch():
+    ids, mask = padded(ROWS)
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 12:14] = ids[0, 12:14]
+    labels[1, 4:7] = ids[1, 4:7]
+    labels[2, 5:7] = ids[2, 5:7]
+    return ids, mask, pixels, labels
+
+
+def test_image_tokens(model):
+    assert model.image_tokens == T
+
+
+def test_embed_splices_features_in_sample_then_image_order(model, batch):
+    ids, _, pixels, _ = batch
+    with torch.no_grad():
+        embedded = model.embed(ids, pixels)
+        features = model.projector(model.vision(pixels))
+        table = model.llm.get_input_embeddings().weight
+    assert features.shape == (3, T, 32)
+    expected = table[ids].clone()
+    expected[0, 2 : 2 + T] = features[0]
+    expected[0, 3 + T : 3 + 2 * T] = features[1]
+    expected[2, 1 : 1 + T] = features[2]
+    assert torch.equal(embedded, expected)
+    # and elsewhere exactly the token embeddings
+    text = ids != IMG
+    assert torch.equal(embedded[text], table[ids[text]])
+
+
+def test_text_only_row_is_unchanged_by_its_batch(model, batch):
+    ids, mask, pixels, _ = batch
+    alone = torch.tensor([ROWS[1]])
+    with torch.no_grad():
+        in_batch = model.embed(ids, pixels)[1, : len(ROWS[1])]
+        by_itself = model.embed(alone, None)[0]
+        hidden_batch = model(ids, mask, pixels).hidden_states[1, : len(ROWS[1])]
+        hidden_alone = model(alone, torch.ones_like(alone), None).hidden_states[0]
+    assert torch.equal(in_batch, by_itself)
+    torch.testing.assert_close(hidden_batch, hidden_alone, atol=1e-5, rtol=1e-5)
+
+
+def test_empty_pixel_batch_is_text_only(model):
+    ids = torch.tensor([ROWS[1]])
+    with torch.no_grad():
+        assert torch.equal(model.embed(ids, torch.zeros(0, 3, 32, 32)), model.llm.get_input_embeddings()(ids))
+
+
+def test_placeholders_without_images(model, batch):
+    ids = batch[0]
+    with pytest.raises(ValueError, match=re.escape(f"{3 * T} image placeholder tokens but no images in the batch")):
+        model.embed(ids, None)
+
+
+@pytest.mark.parametrize("images", [2, 4])
+def test_placeholder_and_image_count_must_agree(model, batch, images):
+    ids = batch[0]
+    pixels = torch.zeros(images, 3, 32, 32)
+    message = f"{images} images make {images * T} tokens but the batch has {3 * T} image placeholder tokens"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model.embed(ids, pixels)
+
+
+def test_images_without_placeholders(model):
+    with pytest.raises(
+        ValueError, match=re.escape(f"1 images make {T} tokens but the batch has 0 image placeholder tokens")
+    ):
+        model.embed(torch.tensor([ROWS[1]]), torch.zeros(1, 3, 32, 32))
+
+
+def test_supervised_loss_equals_full_cross_entropy(model, batch):
+    ids, mask, pixels, labels = batch
+    with torch.no_grad():
+        out = model(ids, mask, pixels, labels)
+        logits = model.llm(inputs_embeds=model.embed(ids, pixels), attention_mask=mask).logits
+    reference = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    assert out.supervised_tokens == int((labels[:, 1:] != IGNORE_INDEX).sum()) == 7
+    assert abs(out.loss.item() - reference.item()) < 1e-5
+    assert out.hidden_states.shape == (3, ids.shape[1], 32)
+    # positions with a label at index 0 can never be predicted: they are not counted
+    shifted = labels.clone()
+    shifted[:, 0] = ids[:, 0]
+    assert model.supervised_loss(out.hidden_states, shifted)[1] == 7
+
+
+def test_loss_without_supervised_tokens_is_zero_but_connected(model, batch):
+    ids, mask, pixels, _ = batch
+    out = model(ids, mask, pixels, torch.full_like(ids, IGNORE_INDEX))
+    assert out.supervised_tokens == 0 and out.loss.item() == 0.0
+    assert out.loss.requires_grad
+    out.loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def test_no_labels_no_loss(model, batch):
+    ids, mask, pixels, _ = batch
+    with torch.no_grad():
+        out = model(ids, mask, pixels)
+    assert out.loss is None and out.supervised_tokens == 0
+
+
+def test_logits_at(model, batch):
+    ids, mask, pixels, _ = batch
+    with torch.no_grad():
+        hidden = model(ids, mask, pixels).hidden_states
+        full = model.llm(inputs_embeds=model.embed(ids, pixels), attention_mask=mask).logits
+        positions = torch.tensor([len(r) - 1 for r in ROWS])
+        got = model.logits_at(hidden, positions)
+    assert got.shape == (3, VOCAB) and got.dtype == torch.float32
+    torch.testing.assert_close(got, full[torch.arange(3), positions], atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_a_trainable_tower_only(model, batch):
+    ids, mask, pixels, labels = batch
+    try:
+        model.vision.requires_grad_(False)
+        model(ids, mask, pixels, labels).loss.backward()
+        assert all(p.grad is None for p in model.vision.parameters())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.projector.parameters())
+        model.zero_grad(set_to_none=True)
+        model.vision.requires_grad_(True)
+        model(ids, mask, pixels, labels).loss.backward()
+        assert model.vision.model.patch_embed.proj.weight.grad.abs().sum() > 0
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.vision.requires_grad_(True)
+
+
+def reference_greedy(model, row: list[int], pixels, steps: int, eos: int) -> list[int]:
+    embeds = model.embed(torch.tensor([row]), pixels)
+    out = []
+    for _ in range(steps):
+        token = int(model.llm(inputs_embeds=embeds).logits[0, -1].argmax())
+        if token == eos:
+            break
+        out.append(token)
+        embeds = torch.cat([embeds, model.llm.get_input_embeddings()(torch.tensor([[token]]))], dim=1)
+    return out
+
+
+def test_generate_batched_equals_one_by_one(model, batch):
+    ids, _, pixels, _ = batch
+    lengths = torch.tensor([len(r) for r in ROWS])
+    row_pixels = [pixels[0:2], None, pixels[2:3]]
+    with torch.no_grad():
+        never = VOCAB + 1  # an eos that never comes: every row runs all steps
+        alone = [reference_greedy(model, row, p, 5, never) for row, p in zip(ROWS, row_pixels, strict=True)]
+        assert model.generate(ids, lengths, pixels, max_new_tokens=5, eos_token_id=never) == alone
+        assert all(len(a) == 5 for a in alone)
+        # the first token of row 1 as eos: row 1 stops at once, the others go on until they emit it
+        eos = alone[1][0]
+        expected = [reference_greedy(model, row, p, 5, eos) for row, p in zip(ROWS, row_pixels, strict=True)]
+        assert expected[1] == []
+        assert model.generate(ids, lengths, pixels, max_new_tokens=5, eos_token_id=eos) == expected
+
+
+PROMPTS = [ROWS[0][:12], ROWS[1][:3], ROWS[2][:6]]  # shorter than their rows, every image inside
+
+
+def test_generate_stops_each_row_at_its_own_eos(model, batch):
+    ids, _, pixels, _ = batch
+    lengths = torch.tensor([len(p) for p in PROMPTS])
+    row_pixels = [pixels[0:2], None, pixels[2:3]]
+    with torch.no_grad():
+        free = [reference_greedy(model, p, px, 4, VOCAB + 1) for p, px in zip(PROMPTS, row_pixels, strict=True)]
+        eos = free[2][1]  # row 2's second token: row 2 stops after one token
+        expected = [out[: out.index(eos)] if eos in out else out for out in free]
+        assert expected == [reference_greedy(model, p, px, 4, eos) for p, px in zip(PROMPTS, row_pixels, strict=True)]
+        got = model.generate(ids, lengths, pixels, max_new_tokens=4, eos_token_id=eos)
+    assert got == expected
+    assert len(got[2]) == free[2].index(eos) <= 1
+    assert len({len(out) for out in got}) >= 2  # rows finish at different steps
+    assert all(eos not in out for out in got)  # the eos is stripped and nothing follows it
+    assert [len(out) for out, f in zip(got, free, strict=True) if eos not in f] == [4] * sum(eos not in f for f in free)
+
+
+def test_generate_reads_only_the_prompt_of_each_row(model, batch):
+    """Prompts shorter than their rows (the gold reply follows in a training batch): the tail is never seen."""
+    ids, _, pixels, _ = batch
+    prompts = PROMPTS
+    lengths = torch.tensor([len(p) for p in prompts])
+    row_pixels = [pixels[0:2], None, pixels[2:3]]
+    with torch.no_grad():
+        expected = [reference_greedy(model, p, px, 4, VOCAB + 1) for p, px in zip(prompts, row_pixels, strict=True)]
+        got = model.generate(ids, lengths, pixels, max_new_tokens=4, eos_token_id=VOCAB + 1)
+        tail_changed = ids.clone()
+        for row, n in enumerate(lengths.tolist()):
+            tail_changed[row, n:] = torch.where(ids[row, n:] == IMG, IMG, 30)  # images stay, the rest changes
+        assert model.generate(tail_changed, lengths, pixels, max_new_tokens=4, eos_token_id=VOCAB + 1) == got
+        # a row generated on its own gives the same tokens as in the batch
+        for row in range(3):
+            single = model.generate(torch.tensor([prompts[row]]), lengths[row : row + 1], row_pixels[row], 4, VOCAB + 1)
+            assert single == [expected[row]], row
+    assert got == expected and all(len(out) == 4 for out in got)
+    assert model.generate(ids, lengths, pixels, max_new_tokens=0, eos_token_id=VOCAB + 1) == [[], [], []]
+
+
+def reference_scores(model, prompt: list[int], pixels, candidates: list[list[int]]) -> list[float]:
+    """Each (prompt + candidate) alone through the full LM head: summed log-probabilities of the candidate."""
+    scores = []
+    for candidate in candidates:
+        sequence = torch.tensor([prompt + candidate])
+        logits = model.llm(inputs_embeds=model.embed(sequence, pixels)).logits[0]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        positions = range(len(prompt) - 1, len(prompt) + len(candidate) - 1)
+        scores.append(sum(log_probs[p, t].item() for p, t in zip(positions, candidate, strict=True)))
+    return scores
+
+
+CANDIDATES = [
+    [[20, 2], [21, 22, 23, 2], [24, 2]],  # row 0, two images: three candidates of different lengths
+    [[25, 2], [26, 2]],  # row 1, text only: two candidates, the third slot is padding
+    [[27], [20, 2], [28, 29, 30, 31, 32, 2]],  # row 2, one image
+]
+
+
+def test_score_candidates_equals_scoring_each_sequence_alone(model, batch):
+    ids, _, pixels, _ = batch
+    prompts = [ROWS[0][:12], ROWS[1], ROWS[2][:6]]  # rows 0 and 2 have tokens after the prompt
+    lengths = torch.tensor([len(p) for p in prompts])
+    row_pixels = [pixels[0:2], None, pixels[2:3]]
+    with torch.no_grad():
+        scores = model.score_candidates(ids, lengths, pixels, CANDIDATES)
+        expected = [reference_scores(model, p, px, c) for p, px, c in zip(prompts, row_pixels, CANDIDATES, strict=True)]
+    assert scores.shape == (3, 3) and scores.dtype == torch.float32
+    for row, values in enumerate(expected):
+        torch.testing.assert_close(scores[row, : len(values)], torch.tensor(values), atol=1e-4, rtol=0)
+    assert scores[1, 2].item() == float("-inf")  # padding for the row with fewer candidates
+    assert torch.isfinite(scores[[0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 2, 0, 1, 0, 1, 2]]).all()
+    assert (scores[torch.isfinite(scores)] < 0).all()
+    # the argmax over a row never picks the padding
+    assert scores.argmax(dim=1)[1].item() in (0, 1)
+
+
+def test_score_candidates_is_independent_of_the_batch_and_the_tail(model, batch):
+    ids, _, pixels, _ = batch
+    lengths = torch.tensor([12, len(ROWS[1]), 6])
+    row_pixels = [pixels[0:2], None, pixels[2:3]]
+    with torch.no_grad():
+        scores = model.score_candidates(ids, lengths, pixels, CANDIDATES)
+        tail_changed = ids.clone()
+        tail_changed[0, 12:] = 33
+        tail_changed[2, 6:] = 34
+        torch.testing.assert_close(model.score_candidates(tail_changed, lengths, pixels, CANDIDATES), scores)
+        for row in range(3):
+            n = int(lengths[row])
+            alone = model.score_candidates(
+                ids[row : row + 1, :n], lengths[row : row + 1], row_pixels[row], [CANDIDATES[row]]
+            )
+            torch.testing.assert_close(alone[0], scores[row, : len(CANDIDATES[row])], atol=1e-5, rtol=0)
+        # a row without candidates scores -inf everywhere and does not disturb the others
+        some_empty = model.score_candidates(ids, lengths, pixels, [CANDIDATES[0], [], CANDIDATES[2]])
+    assert some_empty.shape == (3, 3)
+    assert torch.isinf(some_empty[1]).all() and (some_empty[1] < 0).all()
+    torch.testing.assert_close(some_empty[[0, 2]], scores[[0, 2]], atol=1e-5, rtol=0)
+
+
+def test_single_token_candidates_are_the_next_token_distribution(model, batch):
+    """One-token candidates score log_softmax of the logits at the prompt's last token."""
+    ids, mask, pixels, _ = batch
+    lengths = torch.tensor([len(r) for r in ROWS])
+    tokens = [t for t in range(VOCAB) if t != IMG]
+    with torch.no_grad():
+        scores = model.score_candidates(ids, lengths, pixels, [[[t] for t in tokens]] * 3)
+        hidden = model(ids, mask, pixels).hidden_states
+        log_probs = torch.log_softmax(model.logits_at(hidden, lengths - 1), dim=-1)
+        greedy = model.generate(ids, lengths, pixels, max_new_tokens=1, eos_token_id=VOCAB + 1)
+    torch.testing.assert_close(scores, log_probs[:, tokens], atol=1e-4, rtol=0)
+    for row in range(3):
+        if greedy[row][0] != IMG:  # the greedy token is the best-scored candidate
+            assert tokens[int(scores[row].argmax())] == greedy[row][0]

@@ -1,0 +1,99 @@
+"""The CLI end to end: `fit` then `test` through `python -m src.cli`, and config errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from src.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "lightning_config.yaml")
+FAST = [
+    "--trainer.max_steps=4",
+    "--trainer.val_check_interval=2",
+    "--trainer.limit_val_batches=2",
+    "--data.batch_size=4",
+    "--data.samples_per_epoch=16",
+    "--data.num_workers=0",
+]
+
+
+def _scalars(run_dir: Path) -> dict[str, list[float]]:
+    (events,) = run_dir.rglob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+def test_fit_then_test_through_the_cli(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    fit = subprocess.run(
+        [sys.executable, "-m", "src.cli", "fit", "--config", CONFIG, f"--trainer.default_root_dir={root}", *FAST],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "what trains:" in fit.stdout + fit.stderr
+    (last,) = root.rglob("last.ckpt")
+    scalars = _scalars(root)
+    assert len(scalars["train/loss"]) >= 1 and all(v > 0 for v in scalars["train/loss"])
+    assert "val/mc_accuracy" in scalars and 0.0 <= scalars["val/mc_accuracy"][-1] <= 1.0
+    assert "lr-AdamW" in scalars or "train/lr" in scalars
+    assert (root / "lightning_logs" / "version_0" / "config.yaml").is_file()
+
+    test_dir = tmp_path / "test"
+    test = subprocess.run(
+        [sys.executable, "-m", "src.cli", "test", "--config", CONFIG, f"--ckpt_path={last}",
+         f"--trainer.default_root_dir={test_dir}", "--trainer.limit_test_batches=2", "--data.num_workers=0",
+         "--data.eval_batch_size=16", "--data.blank_images=true"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert test.returncode == 0, test.stderr[-3000:]
+    scalars = _scalars(test_dir)
+    for key in ("test/mc_accuracy", "test/mc_accuracy_colour", "test/mc_accuracy_count"):
+        assert key in scalars, sorted(scalars)
+        assert 0.0 <= scalars[key][0] <= 1.0
+
+
+def _cli_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code != 0
+    captured = capsys.readouterr()
+    return captured.err + captured.out
+
+
+def test_unknown_command_line_key_names_it(capsys: pytest.CaptureFixture[str]) -> None:
+    message = _cli_error(["fit", "--config", CONFIG, "--trainer.max_stepz=3"], capsys)
+    assert "max_stepz" in message
+
+
+def test_unknown_yaml_key_names_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = Path(CONFIG).read_text().replace("  projector:\n", "  projektor:\n", 1)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    message = _cli_error(["fit", "--config", str(bad)], capsys)
+    assert "projektor" in message
+
+
+def test_unknown_projector_lists_the_valid_ones(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown projector 'mlpp'; choose one of \['linear', 'mlp'"):
+        main(["fit", "--config", CONFIG, "--model.projector.name=mlpp", f"--trainer.default_root_dir={tmp_path}", *FAST])
+
+
+def test_unknown_template_fails_at_start(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown conversation template 'vicuna'"):
+        main(["fit", "--config", CONFIG, "--data.template=vicuna", f"--trainer.default_root_dir={tmp_path}"])
+
+
+def test_print_config_shows_the_resolved_config(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", CONFIG, "--model.projector.name=linear", "--print_config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "name: linear" in out and "train_shards:" in out and "vit_tiny_patch16_224" in out
