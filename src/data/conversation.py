@@ -145,9 +145,11 @@ def to_turns(messages: list[dict]) -> list[tuple[str, str]]:
     if len(messages) % 2:
         messages = messages[:-1]  # a trailing question with no answer teaches nothing
     turns = []
-    for human, gpt in zip(messages[::2], messages[1::2]):
+    for human, gpt in zip(messages[::2], messages[1::2], strict=False):
         if human.get("from") not in ("human", "user") or gpt.get("from") not in ("gpt", "assistant"):
-            raise SampleError("bad_conversation", f"turns must alternate human/gpt, got {human.get('from')!r}, {gpt.get('from')!r}")
+            raise SampleError(
+                "bad_conversation", f"turns must alternate human/gpt, got {human.get('from')!r}, {gpt.get('from')!r}"
+            )
         h, g = human.get("value"), gpt.get("value")
         if not isinstance(h, str) or not isinstance(g, str) or not g.strip():
             raise SampleError("empty_conversation", "a turn has no text")

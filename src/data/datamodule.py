@@ -21,7 +21,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
-from src.data.conversation import MC_FORMATS, IGNORE_INDEX, ConversationEncoder, SampleError, build_template
+from src.data.conversation import IGNORE_INDEX, MC_FORMATS, ConversationEncoder, SampleError, build_template
 from src.data.decode import SkipCounter, decode_sample
 from src.data.samples import VIEWS, Example, ExampleBuilder
 

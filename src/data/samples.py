@@ -56,7 +56,11 @@ def _chats(record: dict, view: str, num_images: int, mc_format: str) -> list[tup
             raise SampleError("bad_mc", f"{len(options)} options; a question needs 2 to {len(OPTION_LETTERS)}")
         if not 0 <= answer < len(options):
             raise SampleError("bad_mc", f"answer {answer} is not one of {len(options)} options")
-        prompt = "\n".join(IMAGE_TAG for _ in range(num_images)) + "\n" + multiple_choice_prompt(question, options, mc_format)
+        prompt = (
+            "\n".join(IMAGE_TAG for _ in range(num_images))
+            + "\n"
+            + multiple_choice_prompt(question, options, mc_format)
+        )
         reply = multiple_choice_answer(options, answer, mc_format)
         chat = [{"from": "human", "value": prompt.lstrip("\n")}, {"from": "gpt", "value": reply}]
         chats.append((chat, {"options": options, "answer": answer, "type": str(mc.get("type", "all"))}))
@@ -108,7 +112,5 @@ class ExampleBuilder:
             if mc is not None:
                 mc = {"candidates": self._candidates(mc["options"]), "answer": mc["answer"], "type": mc["type"],
                       "format": self.mc_format}  # fmt: skip
-            examples.append(
-                Example(torch.tensor(encoded.input_ids), torch.tensor(encoded.labels), pixels, mc)
-            )
+            examples.append(Example(torch.tensor(encoded.input_ids), torch.tensor(encoded.labels), pixels, mc))
         return examples

@@ -67,7 +67,7 @@ def sample_scene(rng: random.Random, spec: SceneSpec) -> list[SceneObject]:
     n = rng.randint(1, spec.max_objects)
     cells = rng.sample(range(spec.grid * spec.grid), n)
     kinds = rng.sample([(c, s) for c in COLOURS for s in SHAPES], n)
-    return [SceneObject(c, s, cell // spec.grid, cell % spec.grid) for (c, s), cell in zip(kinds, cells)]
+    return [SceneObject(c, s, cell // spec.grid, cell % spec.grid) for (c, s), cell in zip(kinds, cells, strict=False)]
 
 
 def render_scene(objects: list[SceneObject], spec: SceneSpec, rng: random.Random) -> Image.Image:
@@ -192,7 +192,11 @@ def make_sample(index: int, seed: int, spec: SceneSpec) -> dict:
         "mc": mcs,
         "objects": [asdict(o) for o in objects],
     }
-    return {"__key__": record["id"], "jpg": buffer.getvalue(), "json": json.dumps(record, separators=(",", ":")).encode()}
+    return {
+        "__key__": record["id"],
+        "jpg": buffer.getvalue(),
+        "json": json.dumps(record, separators=(",", ":")).encode(),
+    }
 
 
 def write_split(out: Path, split: str, count: int, seed: int, per_shard: int, spec: SceneSpec) -> list[Path]:

@@ -89,7 +89,9 @@ class TimmVisionTower(nn.Module):
     def image_transform(self) -> ImageTransform:
         cfg = self.model.pretrained_cfg
         size = self.model.patch_embed.img_size
-        return ImageTransform(size=int(size[0]), mean=tuple(cfg.get("mean", (0.5,) * 3)), std=tuple(cfg.get("std", (0.5,) * 3)))
+        return ImageTransform(
+            size=int(size[0]), mean=tuple(cfg.get("mean", (0.5,) * 3)), std=tuple(cfg.get("std", (0.5,) * 3))
+        )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, 3, H, W) -> (images, tokens, hidden)."""

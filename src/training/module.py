@@ -148,9 +148,7 @@ class LlavaLitModule(LightningModule):
 
     # ---- steps ----------------------------------------------------------------------
     def forward(self, batch: dict):
-        return self.model(
-            batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("labels")
-        )
+        return self.model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("labels"))
 
     def _count_skips(self, batch: dict, stage: str) -> None:
         skipped = batch.pop("skipped", None) or {}
@@ -196,7 +194,7 @@ class LlavaLitModule(LightningModule):
                 self.hparams.max_new_tokens, self.tokenizer.eos_token_id,
             )  # fmt: skip
             picked = []
-            for reply, options in zip(replies, candidates):
+            for reply, options in zip(replies, candidates, strict=False):
                 choice = parse_choice(self.tokenizer.decode(reply, skip_special_tokens=True), len(options))
                 picked.append(-1 if choice is None else choice)
             predicted = torch.tensor(picked, device=rows.device)
