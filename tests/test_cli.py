@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "lightning_config.yaml")
 FAST = [
     "--trainer.max_steps=4",
+    "--trainer.log_every_n_steps=1",
     "--trainer.val_check_interval=2",
     "--trainer.limit_val_batches=2",
     "--data.batch_size=4",

@@ -237,6 +237,7 @@ class LlavaDataModule(LightningDataModule):
         train_view: str | list[str] = "conversations",
         eval_view: str = "mc",
         mc_format: str = "letter",
+        image_position: str = "first",
         template: str = "vicuna_v1",
         system_prompt: str | None = None,
         max_length: int = 2048,
@@ -258,6 +259,8 @@ class LlavaDataModule(LightningDataModule):
             eval_view: how validation and test samples are read (`mc` scores multiple choice).
             mc_format: multiple choice asked as `letter` (reply: the letter, ranked) or `reasoned`
                 (reply: the answer, then "The answer is X."; generated and parsed).
+            image_position: where the `mc` view puts the image in its question: `first` (LLaVA's
+                usual `<image>\nquestion`) or `last` (after the question and options).
             template: conversation template by name (`plain`, `vicuna_v1`).
             system_prompt: replaces the template's system prompt; "" drops it.
             max_length: longest sequence in tokens (image tokens included); longer chats lose whole turns.
@@ -289,7 +292,12 @@ class LlavaDataModule(LightningDataModule):
             max_length=hp.max_length,
         )
         return ExampleBuilder(
-            encoder, spec["image_transform"], view, blank_images=hp.blank_images, mc_format=hp.mc_format
+            encoder,
+            spec["image_transform"],
+            view,
+            blank_images=hp.blank_images,
+            mc_format=hp.mc_format,
+            image_position=hp.image_position,
         )
 
     def _spec(self) -> dict:

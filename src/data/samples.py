@@ -35,7 +35,12 @@ class Example:
     mc: dict | None = field(default=None)  # candidates, answer, type, format for multiple choice
 
 
-def _chats(record: dict, view: str, num_images: int, mc_format: str) -> list[tuple[list[dict], dict | None]]:
+IMAGE_POSITIONS = ("first", "last")
+
+
+def _chats(
+    record: dict, view: str, num_images: int, mc_format: str, image_position: str = "first"
+) -> list[tuple[list[dict], dict | None]]:
     if view == "conversations":
         if "conversations" not in record:
             raise SampleError("missing_field", "no 'conversations' in the sample")
@@ -56,13 +61,11 @@ def _chats(record: dict, view: str, num_images: int, mc_format: str) -> list[tup
             raise SampleError("bad_mc", f"{len(options)} options; a question needs 2 to {len(OPTION_LETTERS)}")
         if not 0 <= answer < len(options):
             raise SampleError("bad_mc", f"answer {answer} is not one of {len(options)} options")
-        prompt = (
-            "\n".join(IMAGE_TAG for _ in range(num_images))
-            + "\n"
-            + multiple_choice_prompt(question, options, mc_format)
-        )
+        tags = "\n".join(IMAGE_TAG for _ in range(num_images))
+        text = multiple_choice_prompt(question, options, mc_format)
+        prompt = f"{tags}\n{text}" if image_position == "first" else f"{text}\n{tags}"
         reply = multiple_choice_answer(options, answer, mc_format)
-        chat = [{"from": "human", "value": prompt.lstrip("\n")}, {"from": "gpt", "value": reply}]
+        chat = [{"from": "human", "value": prompt.strip("\n")}, {"from": "gpt", "value": reply}]
         chats.append((chat, {"options": options, "answer": answer, "type": str(mc.get("type", "all"))}))
     if not chats:
         raise SampleError("missing_field", "no multiple-choice questions in the sample")
@@ -79,7 +82,11 @@ class ExampleBuilder:
         view: str | list[str],
         blank_images: bool = False,
         mc_format: str = "letter",
+        image_position: str = "first",
     ) -> None:
+        if image_position not in IMAGE_POSITIONS:
+            raise ValueError(f"unknown image_position {image_position!r}; choose one of {list(IMAGE_POSITIONS)}")
+        self.image_position = image_position
         views = [view] if isinstance(view, str) else list(view)
         for name in views:
             if name not in VIEWS:
@@ -106,7 +113,11 @@ class ExampleBuilder:
             images = [Image.new("RGB", image.size, BLANK_GREY) for image in images]
         pixels = torch.stack([self.image_transform(image) for image in images]) if images else None
         examples = []
-        chats = [chat for view in self.views for chat in _chats(record, view, len(images), self.mc_format)]
+        chats = [
+            chat
+            for view in self.views
+            for chat in _chats(record, view, len(images), self.mc_format, self.image_position)
+        ]
         for chat, mc in chats:
             encoded = self.encoder.encode(chat, num_images=len(images))
             if mc is not None:

@@ -242,3 +242,22 @@ def test_unknown_view(view):
 def test_json_round_trip_of_the_fixture(sample, demo_dir, read_tar):
     record, _ = sample
     assert record == json.loads(read_tar(demo_dir / "val-000000.tar")[0][1]["json"])
+
+
+def test_image_position_last_puts_the_image_after_the_question(make_encoder, image_transform, tokenizer):
+    record = {"mc": [{"question": "What colour is the square?", "options": ["red", "blue"], "answer": 1}]}
+    image = Image.new("RGB", (64, 64), (200, 10, 10))
+    first = ExampleBuilder(make_encoder(), image_transform, "mc", mc_format="option")(record, [image])[0]
+    last = ExampleBuilder(make_encoder(), image_transform, "mc", mc_format="option", image_position="last")(
+        record, [image]
+    )[0]
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    first_ids, last_ids = first.input_ids.tolist(), last.input_ids.tolist()
+    prompt_end = [i for i, label in enumerate(last.labels.tolist()) if label != IGNORE_INDEX][0]
+    assert first_ids.count(image_id) == last_ids.count(image_id) == 16
+    assert first_ids.index(image_id) < first_ids.index(tokenizer.convert_tokens_to_ids("square"))
+    slots = [i for i, t in enumerate(last_ids) if t == image_id]
+    assert slots[0] > last_ids.index(tokenizer.convert_tokens_to_ids("square"))  # after the question ...
+    assert slots[-1] < prompt_end  # ... and still in the human turn
+    with pytest.raises(ValueError, match="unknown image_position 'middle'"):
+        ExampleBuilder(make_encoder(), image_transform, "mc", image_position="middle")

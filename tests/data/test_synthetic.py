@@ -38,6 +38,9 @@ def records(n: int, seed: int = 0) -> list[dict]:
     return [json.loads(make_sample(i, seed, SPEC)["json"]) for i in range(n)]
 
 
+QUARTERS = ("top left", "top right", "bottom left", "bottom right")
+
+
 def correct_answer(mc: dict, objects: list[dict]) -> str:
     """The answer word recomputed from the scene's objects, independently of the generator's choice."""
     objs = [SceneObject(**o) for o in objects]
@@ -55,6 +58,9 @@ def correct_answer(mc: dict, objects: list[dict]) -> str:
         assert question == "How many objects are there?"
         return COUNT_WORDS[len(objs) - 1]
     assert mc["type"] == "position"
+    if question.startswith("Where in the image is the "):  # the default: a 2x2 grid's quarters
+        (obj,) = [o for o in objs if o.name == question.removeprefix("Where in the image is the ").removesuffix("?")]
+        return f"{('top', 'bottom')[obj.row]} {('left', 'right')[obj.col]}"
     a, b = question.removeprefix("Where is the ").removesuffix("?").split(" relative to the ")
     return relation(by_name[a], by_name[b])
 
@@ -102,7 +108,7 @@ def test_correct_letter_is_uniform_and_the_answer_is_always_offered():
         for mc in record["mc"]:
             options, answer = mc["options"], mc["answer"]
             assert len(options) == 4 and len(set(options)) == 4
-            vocabulary = {"colour": COLOURS, "shape": SHAPES, "count": COUNT_WORDS, "position": RELATIONS}[mc["type"]]
+            vocabulary = {"colour": COLOURS, "shape": SHAPES, "count": COUNT_WORDS, "position": QUARTERS}[mc["type"]]
             assert set(options) <= set(vocabulary)
             assert options[answer] == correct_answer(mc, record["objects"]), (record["id"], mc)
             letters[OPTION_LETTERS[answer]] += 1
@@ -147,7 +153,7 @@ def test_conversations_open_with_the_image():
 
 
 def question_type(question: str) -> str:
-    prefixes = {"What colour": "colour", "What shape": "shape", "How many": "count", "Where is": "position"}
+    prefixes = {"What colour": "colour", "What shape": "shape", "How many": "count", "Where": "position"}
     (kind,) = [kind for prefix, kind in prefixes.items() if question.startswith(prefix)]
     return kind
 
@@ -188,9 +194,9 @@ def test_relation(a, b, expected):
 
 def test_caption_lists_objects_in_reading_order():
     objects = [
-        SceneObject("red", "circle", 2, 0),
-        SceneObject("blue", "square", 0, 3),
-        SceneObject("green", "diamond", 0, 1),
+        SceneObject("red", "circle", 1, 0),
+        SceneObject("blue", "square", 0, 1),
+        SceneObject("green", "diamond", 0, 0),
     ]
     assert caption(objects) == "Three objects on a grey background: a green diamond, a blue square and a red circle."
     assert caption(objects[:1]) == "One object on a grey background: a red circle."
@@ -203,3 +209,22 @@ def test_images_match_the_spec():
 
     image = Image.open(BytesIO(make_sample(0, 0, SceneSpec(image_size=48))["jpg"]))
     assert image.size == (48, 48) and image.mode == "RGB"
+
+
+def test_position_questions_name_the_region_or_relate_two_objects():
+    from src.data.synthetic import ask, region, regions
+
+    objects = [SceneObject("red", "circle", 0, 1), SceneObject("blue", "square", 1, 1)]
+    assert regions(2) == ["top left", "top right", "bottom left", "bottom right"]
+    assert regions(3)[4] == "centre" and len(regions(3)) == 9
+    assert [region(o, 2) for o in objects] == ["top right", "bottom right"]
+    question, answer, vocabulary = ask("position", objects, random.Random(0), SceneSpec())
+    assert question.startswith("Where in the image is the ") and answer in ("top right", "bottom right")
+    assert vocabulary == regions(2)
+    relative = SceneSpec(grid=2, relative_position=True)
+    question, answer, vocabulary = ask("position", objects, random.Random(0), relative)
+    assert (question, answer) in (
+        ("Where is the red circle relative to the blue square?", "above"),
+        ("Where is the blue square relative to the red circle?", "below"),
+    )
+    assert vocabulary == list(RELATIONS)
