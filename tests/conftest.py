@@ -113,3 +113,22 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _greedy_reference(model, prompt: list[int], pixels, steps: int, eos: int) -> list[int]:
+    """Greedy decoding of one prompt on full logits, one token at a time: the plain reference."""
+    import torch
+
+    embeds, out = model.embed(torch.tensor([prompt]), pixels), []
+    for _ in range(steps):
+        token = int(model.llm(inputs_embeds=embeds).logits[0, -1].argmax())
+        if token == eos:
+            break
+        out.append(token)
+        embeds = torch.cat([embeds, model.llm.get_input_embeddings()(torch.tensor([[token]]))], dim=1)
+    return out
+
+
+@pytest.fixture
+def greedy_reference():
+    return _greedy_reference

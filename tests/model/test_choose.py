@@ -76,25 +76,14 @@ def test_ranked_formats_pick_the_best_scored_candidate(module, shards, fmt):
     assert torch.equal(answer, batch["mc_answer"]) and types == batch["mc_type"]
 
 
-def reference_reply(model, prompt: list[int], pixels, steps: int, eos: int) -> list[int]:
-    embeds, out = model.embed(torch.tensor([prompt]), pixels), []
-    for _ in range(steps):
-        token = int(model.llm(inputs_embeds=embeds).logits[0, -1].argmax())
-        if token == eos:
-            break
-        out.append(token)
-        embeds = torch.cat([embeds, model.llm.get_input_embeddings()(torch.tensor([[token]]))], dim=1)
-    return out
-
-
-def test_reasoned_format_parses_the_greedy_reply(module, shards):
+def test_reasoned_format_parses_the_greedy_reply(module, shards, greedy_reference):
     batch = mc_batch(module, shards, "reasoned", rows=4)
     tokenizer = module.tokenizer
     with torch.no_grad():
         predicted, _, _ = module.choose(batch)
         expected = []
         for row, prompt in enumerate(prompts_of(batch)):
-            reply = reference_reply(
+            reply = greedy_reference(
                 module.model, prompt, batch["pixel_values"][row : row + 1], 5, tokenizer.eos_token_id
             )
             choice = parse_choice(tokenizer.decode(reply, skip_special_tokens=True), 4)

@@ -186,30 +186,18 @@ def test_gradients_reach_a_trainable_tower_only(model, batch):
         model.vision.requires_grad_(True)
 
 
-def reference_greedy(model, row: list[int], pixels, steps: int, eos: int) -> list[int]:
-    embeds = model.embed(torch.tensor([row]), pixels)
-    out = []
-    for _ in range(steps):
-        token = int(model.llm(inputs_embeds=embeds).logits[0, -1].argmax())
-        if token == eos:
-            break
-        out.append(token)
-        embeds = torch.cat([embeds, model.llm.get_input_embeddings()(torch.tensor([[token]]))], dim=1)
-    return out
-
-
-def test_generate_batched_equals_one_by_one(model, batch):
+def test_generate_batched_equals_one_by_one(model, batch, greedy_reference):
     ids, _, pixels, _ = batch
     lengths = torch.tensor([len(r) for r in ROWS])
     row_pixels = [pixels[0:2], None, pixels[2:3]]
     with torch.no_grad():
         never = VOCAB + 1  # an eos that never comes: every row runs all steps
-        alone = [reference_greedy(model, row, p, 5, never) for row, p in zip(ROWS, row_pixels, strict=True)]
+        alone = [greedy_reference(model, row, p, 5, never) for row, p in zip(ROWS, row_pixels, strict=True)]
         assert model.generate(ids, lengths, pixels, max_new_tokens=5, eos_token_id=never) == alone
         assert all(len(a) == 5 for a in alone)
         # the first token of row 1 as eos: row 1 stops at once, the others go on until they emit it
         eos = alone[1][0]
-        expected = [reference_greedy(model, row, p, 5, eos) for row, p in zip(ROWS, row_pixels, strict=True)]
+        expected = [greedy_reference(model, row, p, 5, eos) for row, p in zip(ROWS, row_pixels, strict=True)]
         assert expected[1] == []
         assert model.generate(ids, lengths, pixels, max_new_tokens=5, eos_token_id=eos) == expected
 
@@ -217,15 +205,15 @@ def test_generate_batched_equals_one_by_one(model, batch):
 PROMPTS = [ROWS[0][:12], ROWS[1][:3], ROWS[2][:6]]  # shorter than their rows, every image inside
 
 
-def test_generate_stops_each_row_at_its_own_eos(model, batch):
+def test_generate_stops_each_row_at_its_own_eos(model, batch, greedy_reference):
     ids, _, pixels, _ = batch
     lengths = torch.tensor([len(p) for p in PROMPTS])
     row_pixels = [pixels[0:2], None, pixels[2:3]]
     with torch.no_grad():
-        free = [reference_greedy(model, p, px, 4, VOCAB + 1) for p, px in zip(PROMPTS, row_pixels, strict=True)]
+        free = [greedy_reference(model, p, px, 4, VOCAB + 1) for p, px in zip(PROMPTS, row_pixels, strict=True)]
         eos = free[2][1]  # row 2's second token: row 2 stops after one token
         expected = [out[: out.index(eos)] if eos in out else out for out in free]
-        assert expected == [reference_greedy(model, p, px, 4, eos) for p, px in zip(PROMPTS, row_pixels, strict=True)]
+        assert expected == [greedy_reference(model, p, px, 4, eos) for p, px in zip(PROMPTS, row_pixels, strict=True)]
         got = model.generate(ids, lengths, pixels, max_new_tokens=4, eos_token_id=eos)
     assert got == expected
     assert len(got[2]) == free[2].index(eos) <= 1
@@ -234,14 +222,14 @@ def test_generate_stops_each_row_at_its_own_eos(model, batch):
     assert [len(out) for out, f in zip(got, free, strict=True) if eos not in f] == [4] * sum(eos not in f for f in free)
 
 
-def test_generate_reads_only_the_prompt_of_each_row(model, batch):
+def test_generate_reads_only_the_prompt_of_each_row(model, batch, greedy_reference):
     """Prompts shorter than their rows (the gold reply follows in a training batch): the tail is never seen."""
     ids, _, pixels, _ = batch
     prompts = PROMPTS
     lengths = torch.tensor([len(p) for p in prompts])
     row_pixels = [pixels[0:2], None, pixels[2:3]]
     with torch.no_grad():
-        expected = [reference_greedy(model, p, px, 4, VOCAB + 1) for p, px in zip(prompts, row_pixels, strict=True)]
+        expected = [greedy_reference(model, p, px, 4, VOCAB + 1) for p, px in zip(prompts, row_pixels, strict=True)]
         got = model.generate(ids, lengths, pixels, max_new_tokens=4, eos_token_id=VOCAB + 1)
         tail_changed = ids.clone()
         for row, n in enumerate(lengths.tolist()):
