@@ -123,3 +123,17 @@ def test_auto_attention_with_flash_attn_needs_cuda(monkeypatch):
     monkeypatch.setattr(language.torch.cuda, "is_available", lambda: True)
     assert resolve_attention("auto") == "flash_attention_2"
     assert resolve_attention("flash_attention_2") == "flash_attention_2"
+
+
+def test_inline_config_values_given_as_text_on_the_command_line_are_typed():
+    from src.model.language import LLMConfig, build_llm
+
+    fields = {"model_type": "llama", "hidden_size": "32", "intermediate_size": "64", "num_hidden_layers": "1",
+              "num_attention_heads": "2", "num_key_value_heads": "2", "rms_norm_eps": "1e-5",
+              "tie_word_embeddings": "false"}  # fmt: skip
+    model = build_llm(LLMConfig(config=fields), vocab_size=50)
+    assert model.config.hidden_size == 32 and isinstance(model.config.hidden_size, int)
+    assert model.config.rms_norm_eps == pytest.approx(1e-5)
+    assert model.config.tie_word_embeddings is False
+    with pytest.raises(ValueError, match="expected true or false"):
+        build_llm(LLMConfig(config={**fields, "tie_word_embeddings": "maybe"}), vocab_size=50)
