@@ -23,7 +23,7 @@ from webdataset.tariterators import tarfile_samples
 
 from src.data.conversation import IGNORE_INDEX, MC_FORMATS, ConversationEncoder, SampleError, build_template
 from src.data.decode import SkipCounter, decode_sample
-from src.data.samples import VIEWS, Example, ExampleBuilder
+from src.data.samples import IMAGE_POSITIONS, VIEWS, Example, ExampleBuilder
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +279,8 @@ class LlavaDataModule(LightningDataModule):
         build_template(template, system_prompt)  # an unknown template fails at start-up
         if mc_format not in MC_FORMATS:
             raise ValueError(f"unknown multiple-choice format {mc_format!r}; choose one of {list(MC_FORMATS)}")
+        if image_position not in IMAGE_POSITIONS:
+            raise ValueError(f"unknown image_position {image_position!r}; choose one of {list(IMAGE_POSITIONS)}")
         self.save_hyperparameters()
         self.spec: dict | None = None
 

@@ -648,3 +648,12 @@ def test_datamodule_needs_sizes_or_samples_per_epoch(tmp_path, shards, tokenizer
 def test_datamodule_rejects_bad_options_at_construction(options, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         LlavaDataModule(**options)
+
+
+def test_datamodule_rejects_unknown_names_at_construction():
+    with pytest.raises(ValueError, match=r"unknown image_position 'middle'; choose one of \['first', 'last'\]"):
+        LlavaDataModule(image_position="middle")
+    with pytest.raises(ValueError, match=r"unknown view 'chat'"):
+        LlavaDataModule(train_view=["caption", "chat"])
+    with pytest.raises(ValueError, match="unknown multiple-choice format 'letters'"):
+        LlavaDataModule(mc_format="letters")
