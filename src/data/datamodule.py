@@ -10,7 +10,6 @@ wait on a rank that ran out of data. Evaluation reads every sample exactly once.
 from __future__ import annotations
 
 import json
-import logging
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +23,6 @@ from webdataset.tariterators import tarfile_samples
 from src.data.conversation import IGNORE_INDEX, MC_FORMATS, ConversationEncoder, SampleError, build_template
 from src.data.decode import SkipCounter, decode_sample
 from src.data.samples import IMAGE_POSITIONS, VIEWS, Example, ExampleBuilder
-
-log = logging.getLogger(__name__)
 
 
 def expand_shards(spec: str | list[str]) -> list[str]:

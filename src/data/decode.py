@@ -20,8 +20,7 @@ from src.data.conversation import SampleError
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-TEXT_EXTENSIONS = ("json", "txt")
-_IMAGE_SUFFIX = re.compile(r"^(?:(\d+)\.)?(jpg|jpeg|png|webp)$")
+_IMAGE_SUFFIX = re.compile(rf"^(?:(\d+)\.)?({'|'.join(IMAGE_EXTENSIONS)})$")
 
 
 def decode_image(data: bytes) -> Image.Image:

@@ -71,7 +71,7 @@ def sample_scene(rng: random.Random, spec: SceneSpec) -> list[SceneObject]:
     n = rng.randint(1, spec.max_objects)
     cells = rng.sample(range(spec.grid * spec.grid), n)
     kinds = rng.sample([(c, s) for c in COLOURS for s in SHAPES], n)
-    return [SceneObject(c, s, cell // spec.grid, cell % spec.grid) for (c, s), cell in zip(kinds, cells, strict=False)]
+    return [SceneObject(c, s, cell // spec.grid, cell % spec.grid) for (c, s), cell in zip(kinds, cells, strict=True)]
 
 
 def render_scene(objects: list[SceneObject], spec: SceneSpec, rng: random.Random) -> Image.Image:

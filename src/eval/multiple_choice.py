@@ -27,7 +27,7 @@ class MultipleChoiceAccuracy(Metric):
 
     def update(self, predicted: torch.Tensor, answer: torch.Tensor, groups: list[str]) -> None:
         ids = [_group_id(g) for g in groups]
-        self.names.update(zip(ids, groups, strict=False))
+        self.names.update(zip(ids, groups, strict=True))
         self.correct.append((predicted == answer).float())
         self.group.append(torch.tensor(ids, dtype=torch.float32, device=answer.device))
 

@@ -126,7 +126,7 @@ class LlavaModel(nn.Module):
         batch = embeddings.new_zeros(len(pieces), length, embeddings.shape[2])
         labels = torch.full((len(pieces), length), IGNORE_INDEX, dtype=torch.long, device=input_ids.device)
         mask = torch.zeros((len(pieces), length), dtype=torch.long, device=input_ids.device)
-        for i, (piece, target) in enumerate(zip(pieces, targets, strict=False)):
+        for i, (piece, target) in enumerate(zip(pieces, targets, strict=True)):
             batch[i, : piece.shape[0]], labels[i, : piece.shape[0]], mask[i, : piece.shape[0]] = piece, target, 1
         hidden = self.llm.get_decoder()(inputs_embeds=batch, attention_mask=mask).last_hidden_state
         shifted = labels[:, 1:]

@@ -7,7 +7,6 @@ need it.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ from src.model.llava import LlavaModel
 from src.model.projector import ProjectorConfig, build_projector
 from src.model.vision import VisionConfig, build_vision_tower
 
-log = logging.getLogger(__name__)
 PARTS = ("vision", "projector", "llm")
 PART_MODES = ("frozen", "full")
 
@@ -194,7 +192,7 @@ class LlavaLitModule(LightningModule):
                 self.hparams.max_new_tokens, self.tokenizer.eos_token_id,
             )  # fmt: skip
             picked = []
-            for reply, options in zip(replies, candidates, strict=False):
+            for reply, options in zip(replies, candidates, strict=True):
                 choice = parse_choice(self.tokenizer.decode(reply, skip_special_tokens=True), len(options))
                 picked.append(-1 if choice is None else choice)
             predicted = torch.tensor(picked, device=rows.device)
