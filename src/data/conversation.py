@@ -183,26 +183,33 @@ class ConversationEncoder:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos token, so answers could not end")
 
-    def _ids(self, text: str) -> list[int]:
+    def _ids(self, text: str, counts: list[int]) -> list[int]:
+        """Token ids of `text`; each image tag takes the next per-image count from `counts`."""
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         out: list[int] = []
         for t in ids:
-            out.extend([t] * self.image_tokens if t == self.image_token_id else [t])
+            out.extend([t] * counts.pop(0) if t == self.image_token_id else [t])
         return out
 
-    def encode(self, messages: list[dict], num_images: int) -> Encoded:
+    def encode(self, messages: list[dict], num_images: int, image_tokens: list[int] | None = None) -> Encoded:
+        """`image_tokens` gives each image's token count when they differ (anyres crops)."""
         turns = to_turns(messages)
         tags = sum(h.count(IMAGE_TAG) + g.count(IMAGE_TAG) for h, g in turns)
         if tags != num_images:
             raise SampleError("image_tag_mismatch", f"{tags} {IMAGE_TAG} tags but {num_images} images")
+        counts = [self.image_tokens] * num_images if image_tokens is None else list(image_tokens)
+        if len(counts) != num_images:
+            raise ValueError(f"{len(counts)} image token counts for {num_images} images")
         input_ids: list[int] = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
         labels: list[int] = [IGNORE_INDEX] * len(input_ids)
         images_kept = 0
         for segments in self.template.render(turns):
             turn_ids: list[int] = []
             turn_labels: list[int] = []
+            images_in_turn = 0
             for text, supervised in segments:
-                ids = self._ids(text)
+                images_in_turn += text.count(IMAGE_TAG)
+                ids = self._ids(text, counts)
                 if supervised:
                     ids = ids + [self.tokenizer.eos_token_id]
                 turn_ids += ids
@@ -211,7 +218,7 @@ class ConversationEncoder:
                 break  # drop this turn and the rest: a cut turn would teach a cut answer
             input_ids += turn_ids
             labels += turn_labels
-            images_kept += turn_ids.count(self.image_token_id) // max(self.image_tokens, 1)
+            images_kept += images_in_turn
         if all(label == IGNORE_INDEX for label in labels):
             raise SampleError("too_long", f"the first turn alone exceeds max_length={self.max_length}")
         if images_kept != num_images:

@@ -31,7 +31,7 @@ BLANK_GREY = (128, 128, 128)
 class Example:
     input_ids: torch.Tensor
     labels: torch.Tensor
-    pixel_values: torch.Tensor | None  # (num_images, 3, H, W)
+    pixel_values: torch.Tensor | None  # (views of all images, 3, H, W); one view per image unless tiled
     mc: dict | None = field(default=None)  # candidates, answer, type, format for multiple choice
 
 
@@ -111,7 +111,12 @@ class ExampleBuilder:
     def __call__(self, record: dict, images: list[Image.Image]) -> list[Example]:
         if self.blank_images:
             images = [Image.new("RGB", image.size, BLANK_GREY) for image in images]
-        pixels = torch.stack([self.image_transform(image) for image in images]) if images else None
+        # a transform gives (3, H, W) or, tiling an image into crops (anyres), (views, 3, H, W);
+        # each view becomes the same number of tokens, spliced in order at its image's tag
+        views = [self.image_transform(image) for image in images]
+        views = [v.unsqueeze(0) if v.dim() == 3 else v for v in views]
+        pixels = torch.cat(views) if views else None
+        counts = [v.shape[0] * self.encoder.image_tokens for v in views]
         examples = []
         chats = [
             chat
@@ -119,7 +124,7 @@ class ExampleBuilder:
             for chat in _chats(record, view, len(images), self.mc_format, self.image_position)
         ]
         for chat, mc in chats:
-            encoded = self.encoder.encode(chat, num_images=len(images))
+            encoded = self.encoder.encode(chat, num_images=len(images), image_tokens=counts)
             if mc is not None:
                 mc = {"candidates": self._candidates(mc["options"]), "answer": mc["answer"], "type": mc["type"],
                       "format": self.mc_format}  # fmt: skip

@@ -34,7 +34,7 @@ class LlavaModel(nn.Module):
     @property
     def image_tokens(self) -> int:
         """Placeholder tokens one image becomes in the sequence."""
-        return self.projector.num_tokens(self.vision.num_tokens)
+        return self.projector.num_tokens
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, 3, H, W) -> (images, tokens, llm hidden)."""

@@ -82,9 +82,14 @@ class TimmVisionTower(nn.Module):
         return tuple(self.model.patch_embed.grid_size)
 
     @property
+    def num_prefix_tokens(self) -> int:
+        """CLS / register tokens kept before the patch grid in the output."""
+        return self.model.num_prefix_tokens if self.keep_prefix else 0
+
+    @property
     def num_tokens(self) -> int:
         h, w = self.grid
-        return h * w + (self.model.num_prefix_tokens if self.keep_prefix else 0)
+        return h * w + self.num_prefix_tokens
 
     def image_transform(self) -> ImageTransform:
         cfg = self.model.pretrained_cfg

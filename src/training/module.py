@@ -118,7 +118,13 @@ class LlavaLitModule(LightningModule):
             return
         vision = build_vision_tower(self.vision_config)
         llm = build_llm(self.llm_config, vocab_size=len(self.tokenizer))
-        projector = build_projector(self.projector_config, vision.hidden_size, llm.config.get_text_config().hidden_size)
+        projector = build_projector(
+            self.projector_config,
+            vision.hidden_size,
+            llm.config.get_text_config().hidden_size,
+            vision.grid,
+            vision.num_prefix_tokens,
+        )
         self.model = LlavaModel(vision, projector, llm, self.image_token_id)
         self.apply_freeze()
 

@@ -30,7 +30,9 @@ def model() -> LlavaModel:
             name="vit_tiny_patch16_224", image_size=32, kwargs=dict(patch_size=16, embed_dim=16, depth=2, num_heads=2)
         )
     )
-    projector = build_projector(ProjectorConfig("mlp", {"depth": 2}), vision.hidden_size, 32)
+    projector = build_projector(
+        ProjectorConfig("mlp", {"depth": 2}), vision.hidden_size, 32, vision.grid, vision.num_prefix_tokens
+    )
     llm = build_llm(
         LLMConfig(
             config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def test_unknown_projector_names_itself_and_the_choices():
     with pytest.raises(ValueError) as info:
-        build_projector(ProjectorConfig("nope"), 8, 16)
+        build_projector(ProjectorConfig("nope"), 8, 16, (4, 4))
     message = str(info.value)
     assert "'nope'" in message
     assert "['linear', 'mlp']" in message
@@ -23,26 +23,26 @@ def test_unknown_projector_names_itself_and_the_choices():
 
 def test_names_are_exact():
     with pytest.raises(ValueError, match="unknown projector 'MLP'"):
-        build_projector(ProjectorConfig("MLP"), 8, 16)
+        build_projector(ProjectorConfig("MLP"), 8, 16, (4, 4))
 
 
 def test_linear_projector_shape_and_maths():
     torch.manual_seed(0)
-    projector = build_projector(ProjectorConfig("linear"), 8, 12)
+    projector = build_projector(ProjectorConfig("linear"), 8, 12, (4, 4))
     assert isinstance(projector, LinearProjector)
-    x = torch.randn(3, 5, 8)
+    x = torch.randn(3, 16, 8)
     y = projector(x)
-    assert y.shape == (3, 5, 12)
+    assert y.shape == (3, 16, 12)
     expected = x @ projector.proj.weight.T + projector.proj.bias
     torch.testing.assert_close(y, expected)
-    assert projector.num_tokens(5) == 5
+    assert projector.num_tokens == 16
     assert (projector.in_dim, projector.out_dim) == (8, 12)
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_mlp_projector_depths(depth):
     torch.manual_seed(0)
-    projector = build_projector(ProjectorConfig("mlp", {"depth": depth}), 8, 12)
+    projector = build_projector(ProjectorConfig("mlp", {"depth": depth}), 8, 12, (4, 4))
     assert isinstance(projector, MLPProjector)
     linears = [m for m in projector.layers if isinstance(m, nn.Linear)]
     gelus = [m for m in projector.layers if isinstance(m, nn.GELU)]
@@ -57,18 +57,18 @@ def test_mlp_projector_depths(depth):
     for lin in linears[1:]:
         expected = lin(torch.nn.functional.gelu(expected))
     torch.testing.assert_close(y, expected)
-    assert projector.num_tokens(16) == 16
+    assert projector.num_tokens == 16
 
 
 def test_mlp_default_depth_is_two():
-    projector = build_projector(ProjectorConfig(), 8, 12)
+    projector = build_projector(ProjectorConfig(), 8, 12, (4, 4))
     assert isinstance(projector, MLPProjector)
     assert [type(m) for m in projector.layers] == [nn.Linear, nn.GELU, nn.Linear]
 
 
 def test_mlp_depth_zero_is_rejected():
     with pytest.raises(ValueError, match=re.escape("mlp depth must be >= 1, got 0")):
-        build_projector(ProjectorConfig("mlp", {"depth": 0}), 8, 12)
+        build_projector(ProjectorConfig("mlp", {"depth": 0}), 8, 12, (4, 4))
 
 
 @pytest.mark.parametrize(
@@ -77,6 +77,6 @@ def test_mlp_depth_zero_is_rejected():
 )
 def test_unknown_options_are_a_value_error_naming_them(name, kwargs):
     with pytest.raises(ValueError) as info:
-        build_projector(ProjectorConfig(name, kwargs), 8, 12)
+        build_projector(ProjectorConfig(name, kwargs), 8, 12, (4, 4))
     assert str(info.value).startswith(f"projector {name!r} does not take options {kwargs}: ")
     assert isinstance(info.value.__cause__, TypeError)
