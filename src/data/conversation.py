@@ -89,7 +89,21 @@ Segment = tuple[str, bool]  # (text, supervised)
 
 
 class Template(ABC):
-    """Renders one chat into segments; turns are (human, gpt) pairs."""
+    """Renders one chat into segments; turns are (human, gpt) pairs.
+
+    The class attributes tell the encoder which special tokens it must add itself: a
+    template whose text already holds them (a tokenizer's chat template, Llama-2's
+    per-round `<s>`/`</s>`) must not get a second bos or a stray eos.
+    """
+
+    adds_bos: bool = True  # the encoder prepends the tokenizer's bos, if it has one
+    appends_end_token: bool = True  # the encoder appends eos after each supervised segment
+    control_tokens: tuple[str, ...] = ()  # strings in the text the tokenizer must read as one token each
+
+    @classmethod
+    def build(cls, system: str | None, tokenizer) -> Template:
+        """Builds the template from the data options; templates without a system prompt ignore it."""
+        return cls()
 
     @abstractmethod
     def render(self, turns: list[tuple[str, str]]) -> list[list[Segment]]:
@@ -121,6 +135,10 @@ class VicunaTemplate(Template):
     def __init__(self, system: str | None = None) -> None:
         self.system = self.DEFAULT_SYSTEM if system is None else system
 
+    @classmethod
+    def build(cls, system: str | None, tokenizer) -> Template:
+        return cls(system)
+
     def render(self, turns: list[tuple[str, str]]) -> list[list[Segment]]:
         rendered = []
         for i, (human, gpt) in enumerate(turns):
@@ -129,9 +147,117 @@ class VicunaTemplate(Template):
         return rendered
 
 
-def build_template(name: str, system: str | None = None) -> Template:
-    cls = TEMPLATES.get(name)
-    return cls(system=system) if cls is VicunaTemplate else cls()
+@TEMPLATES.register("llama2")
+class Llama2Template(Template):
+    r"""LLaVA's `llava_llama_2` format, which is Llama-2-chat's:
+    `<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{q1} [/INST] {a1} </s><s>[INST] {q2} [/INST] {a2} </s>`.
+
+    Every round opens with `<s>` and closes with `</s>`, so the template writes both itself
+    rather than have the encoder add one bos per sequence. The reply is supervised from the
+    space after `[/INST]` through `</s>`, as LLaVA's `preprocess_llama_2` masks it. An empty
+    system prompt drops the `<<SYS>>` block, as Llama-2-chat's own template does.
+    """
+
+    DEFAULT_SYSTEM = (
+        "You are a helpful language and vision assistant. "
+        "You are able to understand the visual content that the user provides, "
+        "and assist the user with a variety of tasks using natural language."
+    )
+    adds_bos = False
+    appends_end_token = False
+    control_tokens = ("<s>", "</s>")
+
+    def __init__(self, system: str | None = None) -> None:
+        self.system = self.DEFAULT_SYSTEM if system is None else system
+
+    @classmethod
+    def build(cls, system: str | None, tokenizer) -> Template:
+        return cls(system)
+
+    def render(self, turns: list[tuple[str, str]]) -> list[list[Segment]]:
+        rendered = []
+        for i, (human, gpt) in enumerate(turns):
+            system = f"<<SYS>>\n{self.system}\n<</SYS>>\n\n" if i == 0 and self.system else ""
+            rendered.append([(f"<s>[INST] {system}{human} [/INST]", False), (f" {gpt.strip()} </s>", True)])
+        return rendered
+
+
+@TEMPLATES.register("chat_template")
+class ChatTemplate(Template):
+    """The tokenizer's own Jinja chat template (Llama-3, Qwen ChatML, Gemma, ...).
+
+    Jinja gives no spans, so each turn is cut out by string difference: the chat so far
+    rendered with the generation header (the prompt) and then with the reply. The reply
+    segment is what the template writes for the assistant, end-of-turn marker included;
+    whitespace after the marker (ChatML's newline) is context, since generation stops at
+    the marker. That only works if a rendered chat is a prefix of its continuation, so
+    every render checks it: templates that rewrite history (dropping earlier reasoning,
+    say) are refused. The text carries the template's own special tokens, so the encoder
+    adds bos only if the template does not write it and the tokenizer would add it on
+    its own (as `tokenizer(text)` does), and eos only if replies have no end marker.
+    """
+
+    PROBE = [("Probe question one?", "Probe answer one."), ("Probe question two?", "Probe answer two.")]
+
+    def __init__(self, tokenizer, system: str | None = None) -> None:
+        if tokenizer is None:
+            raise ValueError("the chat_template template renders with a tokenizer; pass build_template(tokenizer=...)")
+        self.name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        if not getattr(tokenizer, "chat_template", None):
+            others = ", ".join(name for name in TEMPLATES.names() if name != "chat_template")
+            raise ValueError(
+                f"tokenizer {self.name!r} has no chat_template, so the chat_template template cannot render; "
+                f"choose another data.template ({others})"
+            )
+        self.tokenizer = tokenizer
+        self.system = system  # None: the template's own default; a string (even ""): that system message
+        probe = self.render(self.PROBE)  # a template that rewrites history fails here, at start-up
+        bos = tokenizer.bos_token
+        adds_own_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+        self.adds_bos = adds_own_bos and not probe[0][0][0].startswith(bos)
+        self.appends_end_token = probe[0][1][0].endswith(self.PROBE[0][1])  # the reply has no end marker
+
+    @classmethod
+    def build(cls, system: str | None, tokenizer) -> Template:
+        return cls(tokenizer, system)
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _refuse(self, why: str) -> ValueError:
+        return ValueError(f"the chat template of {self.name!r} {why}, so replies cannot be masked by prefix")
+
+    def render(self, turns: list[tuple[str, str]]) -> list[list[Segment]]:
+        messages = [] if self.system is None else [{"role": "system", "content": self.system}]
+        rendered: list[list[Segment]] = []
+        previous = ""
+        for human, gpt in turns:
+            reply = gpt.strip()
+            messages.append({"role": "user", "content": human})
+            prompt = self._render(messages, add_generation_prompt=True)
+            messages.append({"role": "assistant", "content": reply})
+            full = self._render(messages, add_generation_prompt=False)
+            if not prompt.startswith(previous):
+                raise self._refuse("rewrites earlier turns as the chat grows")
+            if not full.startswith(prompt):
+                raise self._refuse("renders a reply without the generation prompt it asks for")
+            question, answer = prompt[len(previous) :], full[len(prompt) :]
+            if reply not in answer:
+                raise self._refuse("does not render assistant replies verbatim")
+            if question.count(IMAGE_TAG) != human.count(IMAGE_TAG):
+                raise self._refuse(f"does not pass {IMAGE_TAG} tags through unchanged")
+            end = len(answer.rstrip())
+            segments = [(question, False), (answer[:end], True), (answer[end:], False)]
+            rendered.append([segment for segment in segments if segment[0]])
+            previous = full
+        return rendered
+
+
+def build_template(name: str, system: str | None = None, tokenizer=None) -> Template:
+    """The template registered as `name`; `system` replaces its system prompt where it has one
+    ("" drops it, except for chat_template where it is an empty system message), and
+    `tokenizer` is needed by `chat_template`, which renders with it."""
+    return TEMPLATES.get(name).build(system, tokenizer)
 
 
 def to_turns(messages: list[dict]) -> list[tuple[str, str]]:
@@ -180,8 +306,11 @@ class ConversationEncoder:
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TAG)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {IMAGE_TAG} token; add it as a special token")
-        if tokenizer.eos_token_id is None:
+        if template.appends_end_token and tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos token, so answers could not end")
+        for token in template.control_tokens:
+            if len(tokenizer(token, add_special_tokens=False)["input_ids"]) != 1:
+                raise ValueError(f"the template writes {token!r}, which the tokenizer does not read as one token")
 
     def _ids(self, text: str, counts: list[int]) -> list[int]:
         """Token ids of `text`; each image tag takes the next per-image count from `counts`."""
@@ -200,7 +329,8 @@ class ConversationEncoder:
         counts = [self.image_tokens] * num_images if image_tokens is None else list(image_tokens)
         if len(counts) != num_images:
             raise ValueError(f"{len(counts)} image token counts for {num_images} images")
-        input_ids: list[int] = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
+        bos = self.tokenizer.bos_token_id
+        input_ids: list[int] = [bos] if self.template.adds_bos and bos is not None else []
         labels: list[int] = [IGNORE_INDEX] * len(input_ids)
         images_kept = 0
         for segments in self.template.render(turns):
@@ -210,7 +340,7 @@ class ConversationEncoder:
             for text, supervised in segments:
                 images_in_turn += text.count(IMAGE_TAG)
                 ids = self._ids(text, counts)
-                if supervised:
+                if supervised and self.template.appends_end_token:
                     ids = ids + [self.tokenizer.eos_token_id]
                 turn_ids += ids
                 turn_labels += ids if supervised else [IGNORE_INDEX] * len(ids)

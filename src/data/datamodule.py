@@ -20,7 +20,14 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
-from src.data.conversation import IGNORE_INDEX, MC_FORMATS, ConversationEncoder, SampleError, build_template
+from src.data.conversation import (
+    IGNORE_INDEX,
+    MC_FORMATS,
+    TEMPLATES,
+    ConversationEncoder,
+    SampleError,
+    build_template,
+)
 from src.data.decode import SkipCounter, decode_sample
 from src.data.samples import IMAGE_POSITIONS, VIEWS, Example, ExampleBuilder
 
@@ -273,7 +280,7 @@ class LlavaDataModule(LightningDataModule):
         for view in [eval_view, *([train_view] if isinstance(train_view, str) else train_view)]:
             if view not in VIEWS:
                 raise ValueError(f"unknown view {view!r}; choose one of {list(VIEWS)}")
-        build_template(template, system_prompt)  # an unknown template fails at start-up
+        TEMPLATES.get(template)  # an unknown template fails at start-up; building one may need the tokenizer
         if mc_format not in MC_FORMATS:
             raise ValueError(f"unknown multiple-choice format {mc_format!r}; choose one of {list(MC_FORMATS)}")
         if image_position not in IMAGE_POSITIONS:
@@ -286,7 +293,7 @@ class LlavaDataModule(LightningDataModule):
         spec = self._spec()
         encoder = ConversationEncoder(
             spec["tokenizer"],
-            build_template(hp.template, hp.system_prompt),
+            build_template(hp.template, hp.system_prompt, tokenizer=spec["tokenizer"]),
             image_tokens=spec["image_tokens"],
             max_length=hp.max_length,
         )

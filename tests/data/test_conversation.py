@@ -10,7 +10,9 @@ from src.data.conversation import (
     IGNORE_INDEX,
     MC_FORMATS,
     MC_INSTRUCTION,
+    ChatTemplate,
     ConversationEncoder,
+    Llama2Template,
     PlainTemplate,
     SampleError,
     VicunaTemplate,
@@ -204,7 +206,15 @@ def test_build_template():
     assert build_template("vicuna_v1").system == VicunaTemplate.DEFAULT_SYSTEM
     assert build_template("vicuna_v1", "").system == ""
     assert build_template("vicuna_v1", "Be brief.").system == "Be brief."
-    with pytest.raises(ValueError, match="unknown conversation template 'Plain'"):
+    assert build_template("llama2").system == Llama2Template.DEFAULT_SYSTEM
+    assert build_template("llama2", "").system == ""
+    assert build_template("llama2", "Be brief.", tokenizer=None).system == "Be brief."
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "unknown conversation template 'Plain'; choose one of ['chat_template', 'llama2', 'plain', 'vicuna_v1']"
+        ),
+    ):
         build_template("Plain")
 
 
@@ -347,3 +357,381 @@ def test_encoder_needs_an_image_token_and_eos():
         ConversationEncoder(_FakeTokenizer(eos_token_id=2, image_id=None), PlainTemplate(), image_tokens=4)
     with pytest.raises(ValueError, match="the tokenizer has no eos token"):
         ConversationEncoder(_FakeTokenizer(eos_token_id=None, image_id=5), PlainTemplate(), image_tokens=4)
+
+
+# --- Llama-2 and the tokenizer's own chat template, on a byte-level tokenizer -------------
+#
+# Token id == byte value (plus fixed ids for the special tokens), so references are built
+# from hand-written text without the tokenizer, and decoding gives the text back exactly.
+
+SPECIALS = [
+    "<image>",
+    "<s>",
+    "</s>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
+SPECIAL_IDS = {token: 256 + i for i, token in enumerate(SPECIALS)}
+IMAGE_ID = SPECIAL_IDS[IMAGE]
+LLAVA_LLAMA2_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the "
+    "user provides, and assist the user with a variety of tasks using natural language."
+)
+
+# Modelled on Qwen2-Instruct's template: a default system message when none is given.
+CHATML = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Modelled on Meta-Llama-3-Instruct's template: it writes bos itself and trims contents.
+LLAMA3 = (
+    "{% for message in messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+# Modelled on Llama-2-chat's template: bos and eos around every round, <<SYS>> in the first.
+LLAMA2_CHAT = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+# A template whose replies have no end marker: the encoder must end them with eos.
+NO_END_MARKER = (
+    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
+)
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's byte -> printable character map, as the ByteLevel pre-tokenizer writes bytes."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    chars, shifted = [], 0
+    for byte in range(256):
+        chars.append(chr(byte) if byte in printable else chr(256 + shifted))
+        shifted += byte not in printable
+    return chars
+
+
+def byte_tokenizer(
+    chat_template: str | None = None,
+    bos: str | None = "<s>",
+    eos: str = "</s>",
+    adds_bos: bool = False,
+    specials: list[str] = SPECIALS,
+    name: str = "tiny",
+):
+    """A byte-level tokenizer without merges; `adds_bos` makes `tokenizer(text)` prepend bos, as Llama's do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: byte for byte, char in enumerate(_byte_chars())} | {t: SPECIAL_IDS[t] for t in specials}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    if adds_bos:
+        backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos)
+    tokenizer.chat_template = chat_template
+    tokenizer.name_or_path = name
+    return tokenizer
+
+
+def byte_ids(text: str, image_tokens: list[int]) -> list[int]:
+    """The reference tokenization: special tokens by their fixed ids, everything else byte by byte,
+    each `<image>` as the next count of image placeholders."""
+    ids: list[int] = []
+    for piece in re.split("(" + "|".join(map(re.escape, SPECIALS)) + ")", text):
+        if piece == IMAGE:
+            ids += [IMAGE_ID] * image_tokens.pop(0)
+        else:
+            ids += [SPECIAL_IDS[piece]] if piece in SPECIAL_IDS else list(piece.encode())
+    return ids
+
+
+def reference(segments: list[tuple[str, bool]], image_tokens: list[int]) -> tuple[list[int], list[int]]:
+    """Input ids and labels from hand-written (text, supervised) pieces."""
+    counts = list(image_tokens)
+    input_ids, labels = [], []
+    for text, supervised in segments:
+        ids = byte_ids(text, counts)
+        input_ids += ids
+        labels += ids if supervised else [IGNORE_INDEX] * len(ids)
+    return input_ids, labels
+
+
+def byte_encoder(template: str, system: str | None = None, tokenizer=None, max_length: int = 4096, **options):
+    tokenizer = tokenizer or byte_tokenizer(**options)
+    return ConversationEncoder(
+        tokenizer, build_template(template, system, tokenizer=tokenizer), image_tokens=3, max_length=max_length
+    )
+
+
+THREE_TURNS = chat((Q1, A1), (Q2, A2), (Q3, A3))
+QUESTIONS = [(Q1, A1), (Q2, A2), (Q3, A3)]
+
+MULTI_TURN_CASES = {
+    # plain keeps the first answer only (stage 1 has one caption per image)
+    "plain": (
+        dict(template="plain"),
+        [("<s>", False), (IMAGE, False), (A1, True), ("</s>", True)],
+        f"{A1}</s>",
+    ),
+    "vicuna_v1": (
+        dict(template="vicuna_v1"),
+        [("<s>", False), (f"{VicunaTemplate.DEFAULT_SYSTEM} USER: {Q1} ASSISTANT:", False), (f" {A1}</s>", True)]
+        + [(f"USER: {Q2} ASSISTANT:", False), (f" {A2}</s>", True)]
+        + [(f"USER: {Q3} ASSISTANT:", False), (f" {A3}</s>", True)],
+        f" {A1}</s> {A2}</s> {A3}</s>",
+    ),
+    "llama2": (
+        dict(template="llama2"),
+        [(f"<s>[INST] <<SYS>>\n{LLAVA_LLAMA2_SYSTEM}\n<</SYS>>\n\n{Q1} [/INST]", False), (f" {A1} </s>", True)]
+        + [(f"<s>[INST] {Q2} [/INST]", False), (f" {A2} </s>", True)]
+        + [(f"<s>[INST] {Q3} [/INST]", False), (f" {A3} </s>", True)],
+        f" {A1} </s> {A2} </s> {A3} </s>",
+    ),
+    "chatml": (
+        dict(template="chat_template", chat_template=CHATML, bos=None, eos="<|im_end|>"),
+        [
+            ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", False),
+            (f"<|im_start|>user\n{Q1}<|im_end|>\n<|im_start|>assistant\n", False),
+            (f"{A1}<|im_end|>", True),
+            ("\n", False),
+            (f"<|im_start|>user\n{Q2}<|im_end|>\n<|im_start|>assistant\n", False),
+            (f"{A2}<|im_end|>", True),
+            ("\n", False),
+            (f"<|im_start|>user\n{Q3}<|im_end|>\n<|im_start|>assistant\n", False),
+            (f"{A3}<|im_end|>", True),
+            ("\n", False),
+        ],
+        f"{A1}<|im_end|>{A2}<|im_end|>{A3}<|im_end|>",
+    ),
+    "llama3": (
+        dict(template="chat_template", chat_template=LLAMA3, bos="<|begin_of_text|>", eos="<|eot_id|>", adds_bos=True),
+        [
+            ("<|begin_of_text|>", False),
+            (f"<|start_header_id|>user<|end_header_id|>\n\n{Q1}<|eot_id|>", False),
+            ("<|start_header_id|>assistant<|end_header_id|>\n\n", False),
+            (f"{A1}<|eot_id|>", True),
+            (f"<|start_header_id|>user<|end_header_id|>\n\n{Q2}<|eot_id|>", False),
+            ("<|start_header_id|>assistant<|end_header_id|>\n\n", False),
+            (f"{A2}<|eot_id|>", True),
+            (f"<|start_header_id|>user<|end_header_id|>\n\n{Q3}<|eot_id|>", False),
+            ("<|start_header_id|>assistant<|end_header_id|>\n\n", False),
+            (f"{A3}<|eot_id|>", True),
+        ],
+        f"{A1}<|eot_id|>{A2}<|eot_id|>{A3}<|eot_id|>",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MULTI_TURN_CASES))
+def test_three_turn_labels_match_a_hand_built_reference(case):
+    options, segments, replies = MULTI_TURN_CASES[case]
+    encoder = byte_encoder(**options)
+    encoded = encoder.encode(THREE_TURNS, num_images=1)
+    assert (encoded.input_ids, encoded.labels) == reference(segments, [3])
+    supervised = [label for label in encoded.labels if label != IGNORE_INDEX]
+    assert encoder.tokenizer.decode(supervised) == replies
+
+
+def test_llama2_render_is_llavas_format():
+    segments = Llama2Template().render([(Q1, f" {A1}\n"), (Q2, A2)])
+    assert "".join(text for turn in segments for text, _ in turn) == (
+        f"<s>[INST] <<SYS>>\n{LLAVA_LLAMA2_SYSTEM}\n<</SYS>>\n\n{Q1} [/INST] {A1} </s><s>[INST] {Q2} [/INST] {A2} </s>"
+    )
+    assert Llama2Template.DEFAULT_SYSTEM == LLAVA_LLAMA2_SYSTEM
+    assert Llama2Template("").render([(Q2, A2)]) == [[(f"<s>[INST] {Q2} [/INST]", False), (f" {A2} </s>", True)]]
+    assert Llama2Template("Be brief.").render([(Q2, A2)])[0][0] == (
+        f"<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n{Q2} [/INST]",
+        False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("llama2_system", "chat_system"), [(None, LLAVA_LLAMA2_SYSTEM), ("", None), ("Be brief.", "Be brief.")]
+)
+def test_llama2_encodes_as_llama2_chats_own_template(llama2_system, chat_system):
+    """Our llama2 and the Llama-2-chat Jinja template give the same ids and labels."""
+    ours = byte_encoder("llama2", llama2_system).encode(THREE_TURNS, num_images=1)
+    jinja = byte_encoder("chat_template", chat_system, chat_template=LLAMA2_CHAT).encode(THREE_TURNS, num_images=1)
+    assert (ours.input_ids, ours.labels) == (jinja.input_ids, jinja.labels)
+    assert ours.input_ids.count(SPECIAL_IDS["<s>"]) == 3 and ours.input_ids[0] == SPECIAL_IDS["<s>"]
+
+
+def test_llama2_needs_its_control_tokens():
+    tokenizer = byte_tokenizer(bos=None, eos="<|im_end|>", specials=[IMAGE, "<|im_end|>"])
+    with pytest.raises(ValueError) as info:
+        ConversationEncoder(tokenizer, build_template("llama2"), image_tokens=3)
+    assert str(info.value) == "the template writes '<s>', which the tokenizer does not read as one token"
+
+
+@pytest.mark.parametrize(
+    ("system", "first_prompt"),
+    [
+        (None, "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"),  # the template's own default
+        ("Be brief.", "<|im_start|>system\nBe brief.<|im_end|>\n"),
+        ("", "<|im_start|>system\n<|im_end|>\n"),  # an empty system message, not the template's default
+    ],
+)
+def test_chat_template_system_prompt(system, first_prompt):
+    template = build_template("chat_template", system, tokenizer=byte_tokenizer(CHATML))
+    assert template.render([(Q2, A2)]) == [
+        [(f"{first_prompt}<|im_start|>user\n{Q2}<|im_end|>\n<|im_start|>assistant\n", False)]
+        + [(f"{A2}<|im_end|>", True), ("\n", False)]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("options", "adds_bos", "appends_end_token"),
+    [
+        (dict(chat_template=CHATML, bos=None, eos="<|im_end|>"), False, False),  # Qwen: no bos at all
+        (dict(chat_template=CHATML, adds_bos=True), True, False),  # the template omits the bos the tokenizer adds
+        (dict(chat_template=CHATML), False, False),  # a bos the tokenizer does not add itself stays out
+        (dict(chat_template=LLAMA3, bos="<|begin_of_text|>", eos="<|eot_id|>", adds_bos=True), False, False),
+        (dict(chat_template=LLAMA2_CHAT, adds_bos=True), False, False),
+        (dict(chat_template=NO_END_MARKER), False, True),
+    ],
+)
+def test_chat_template_adds_only_the_special_tokens_its_text_lacks(options, adds_bos, appends_end_token):
+    template = build_template("chat_template", tokenizer=byte_tokenizer(**options))
+    assert (template.adds_bos, template.appends_end_token) == (adds_bos, appends_end_token)
+
+
+def test_builtin_templates_special_token_duties():
+    assert (PlainTemplate.adds_bos, PlainTemplate.appends_end_token) == (True, True)
+    assert (VicunaTemplate.adds_bos, VicunaTemplate.appends_end_token) == (True, True)
+    assert (Llama2Template.adds_bos, Llama2Template.appends_end_token) == (False, False)
+
+
+def test_chat_template_without_bos_in_its_text_gets_the_tokenizers_bos():
+    encoder = byte_encoder("chat_template", chat_template=CHATML, adds_bos=True)
+    encoded = encoder.encode(chat((Q2, A2)), num_images=0)
+    segments = [
+        ("<s><|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", False),
+        (f"<|im_start|>user\n{Q2}<|im_end|>\n<|im_start|>assistant\n", False),
+        (f"{A2}<|im_end|>", True),
+        ("\n", False),
+    ]
+    assert (encoded.input_ids, encoded.labels) == reference(segments, [])
+
+
+def test_chat_template_without_end_marker_ends_replies_with_eos():
+    encoder = byte_encoder("chat_template", chat_template=NO_END_MARKER, bos=None)
+    encoded = encoder.encode(chat((Q2, A2), (Q3, A3)), num_images=0)
+    segments = [
+        (f"user: {Q2}\nassistant:", False),
+        (f" {A2}</s>", True),
+        ("\n", False),
+        (f"user: {Q3}\nassistant:", False),
+        (f" {A3}</s>", True),
+        ("\n", False),
+    ]
+    assert (encoded.input_ids, encoded.labels) == reference(segments, [])
+
+
+@pytest.mark.parametrize("chat_template", [CHATML, LLAMA3])
+def test_chat_template_expands_image_tags_in_any_turn(chat_template):
+    encoder = byte_encoder("chat_template", chat_template=chat_template, bos="<|begin_of_text|>")
+    q3 = f"{IMAGE} {IMAGE}\n{Q3}"
+    encoded = encoder.encode(chat((Q1, A1), (Q2, A2), (q3, A3)), num_images=3, image_tokens=[2, 4, 5])
+    assert encoded.input_ids.count(IMAGE_ID) == 11
+    start = encoded.input_ids.index(IMAGE_ID)
+    assert encoded.input_ids[start : start + 2] == [IMAGE_ID] * 2
+    assert encoded.input_ids[start + 2] != IMAGE_ID
+    later = encoded.input_ids.index(IMAGE_ID, start + 2)
+    assert encoded.input_ids[later : later + 10] == [IMAGE_ID] * 4 + list(b" ") + [IMAGE_ID] * 5
+    assert all(
+        label == IGNORE_INDEX for label, t in zip(encoded.labels, encoded.input_ids, strict=True) if t == IMAGE_ID
+    )
+    text = encoder.tokenizer.decode(encoded.input_ids)
+    assert f"{IMAGE * 4} {IMAGE * 5}\n{Q3}" in text
+
+
+def test_chat_template_truncates_whole_turns():
+    full = [
+        byte_encoder("chat_template", chat_template=CHATML).encode(chat(*QUESTIONS[:n]), num_images=1) for n in (1, 2)
+    ]
+    for max_length, kept in [(len(full[1].input_ids), 2), (len(full[1].input_ids) - 1, 1)]:
+        encoded = byte_encoder("chat_template", chat_template=CHATML, max_length=max_length).encode(THREE_TURNS, 1)
+        assert (encoded.input_ids, encoded.labels) == (full[kept - 1].input_ids, full[kept - 1].labels)
+
+
+def test_chat_template_needs_a_tokenizer_with_a_chat_template():
+    with pytest.raises(ValueError) as info:
+        build_template("chat_template")
+    assert str(info.value) == "the chat_template template renders with a tokenizer; pass build_template(tokenizer=...)"
+    with pytest.raises(ValueError) as info:
+        build_template("chat_template", tokenizer=byte_tokenizer(name="tiny-base"))
+    assert str(info.value) == (
+        "tokenizer 'tiny-base' has no chat_template, so the chat_template template cannot render; "
+        "choose another data.template (llama2, plain, vicuna_v1)"
+    )
+    assert isinstance(build_template("chat_template", tokenizer=byte_tokenizer(CHATML)), ChatTemplate)
+
+
+# Appends a marker only when the chat is complete, so a prompt never extends the chat before it.
+CLOSES_THE_CHAT = CHATML + "{% if not add_generation_prompt %}{{ '<|endoftext|>' }}{% endif %}"
+# Modelled on Qwen3's: earlier replies lose their reasoning once the chat goes on.
+DROPS_REASONING = (
+    "{% for message in messages %}{% set content = message['content'] %}"
+    "{% if message['role'] == 'assistant' and not loop.last %}"
+    "{% set content = content.split('</think>')[-1] | trim %}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+OPENS_A_THINK_BLOCK = CHATML.replace(
+    "'<|im_start|>assistant\\n' }}{% endif %}", "'<|im_start|>assistant\\n<think>' }}{% endif %}"
+)
+DROPS_IMAGE_TAGS = CHATML.replace("message['content']", "message['content'] | replace('<image>', '')")
+
+
+@pytest.mark.parametrize(
+    ("chat_template", "why"),
+    [
+        (CLOSES_THE_CHAT, "rewrites earlier turns as the chat grows"),
+        (OPENS_A_THINK_BLOCK, "renders a reply without the generation prompt it asks for"),
+    ],
+)
+def test_chat_template_that_breaks_prefixes_fails_at_construction(chat_template, why):
+    with pytest.raises(ValueError) as info:
+        build_template("chat_template", tokenizer=byte_tokenizer(chat_template, name="tiny-odd"))
+    assert str(info.value) == f"the chat template of 'tiny-odd' {why}, so replies cannot be masked by prefix"
+
+
+@pytest.mark.parametrize(
+    ("chat_template", "messages", "why"),
+    [
+        (
+            DROPS_REASONING,
+            chat((Q2, f"<think>count</think> {A2}"), (Q3, A3)),
+            "rewrites earlier turns as the chat grows",
+        ),
+        (DROPS_IMAGE_TAGS, chat((Q1, A1)), "does not pass <image> tags through unchanged"),
+    ],
+)
+def test_chat_template_that_breaks_a_sample_is_refused(chat_template, messages, why):
+    encoder = byte_encoder("chat_template", chat_template=chat_template, name="tiny-odd")
+    assert encoder.encode(chat((Q2, A2), (Q3, A3)), num_images=0).input_ids  # plain chats are fine
+    with pytest.raises(ValueError) as info:
+        encoder.encode(messages, num_images=messages[0]["value"].count(IMAGE))
+    assert str(info.value) == f"the chat template of 'tiny-odd' {why}, so replies cannot be masked by prefix"

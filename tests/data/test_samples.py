@@ -193,8 +193,50 @@ def test_several_images_are_stacked_in_order(make_builder, image_transform):
     images = [Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 255))]
     record = {"caption": "A red circle."}
     (example,) = make_builder("caption")(record, images)
-    assert torch.equal(example.pixel_values, torch.stack([image_transform(i) for i in images]))
+    views = [image_transform(i) for i in images]
+    assert torch.equal(example.pixel_values, torch.cat([v.reshape(-1, *v.shape[-3:]) for v in views]))
     assert int((example.input_ids == make_builder().encoder.image_token_id).sum()) == 2 * IMAGE_TOKENS
+
+
+class TiledTransform:
+    """Stands in for anyres: a wide image becomes 3 views (global + 2 crops), others 1."""
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        views = 3 if image.width > image.height else 1
+        return torch.full((views, 3, 4, 4), float(image.width))
+
+
+def test_tiled_images_take_their_views_tokens_at_their_own_tag(make_encoder):
+    builder = ExampleBuilder(make_encoder(), TiledTransform(), "conversations")
+    record = {
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is here?"},
+            {"from": "gpt", "value": "a red circle"},
+            {"from": "human", "value": "And here? <image>"},
+            {"from": "gpt", "value": "a blue square"},
+        ]
+    }
+    wide, square = Image.new("RGB", (64, 32)), Image.new("RGB", (32, 32))
+    (example,) = builder(record, [wide, square])
+    assert example.pixel_values.shape == (4, 3, 4, 4)
+    assert example.pixel_values[:3].eq(64).all() and example.pixel_values[3].eq(32).all()
+    ids = example.input_ids.tolist()
+    image_id = builder.encoder.image_token_id
+    runs = []  # (start, length) of each run of placeholders
+    for i, t in enumerate(ids):
+        if t == image_id and (i == 0 or ids[i - 1] != image_id):
+            runs.append([i, 0])
+        if t == image_id:
+            runs[-1][1] += 1
+    assert [length for _, length in runs] == [3 * IMAGE_TOKENS, IMAGE_TOKENS]
+    assert all(int(example.labels[i]) == IGNORE_INDEX for i, t in enumerate(ids) if t == image_id)
+
+
+def test_truncation_keeps_whole_tiled_images_or_drops_the_sample(make_encoder):
+    builder = ExampleBuilder(make_encoder(max_length=2 * IMAGE_TOKENS), TiledTransform(), "caption")
+    with pytest.raises(SampleError) as info:
+        builder({"caption": "A red circle."}, [Image.new("RGB", (64, 32))])
+    assert info.value.reason == "too_long"
 
 
 @pytest.mark.parametrize(
