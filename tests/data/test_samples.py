@@ -37,7 +37,8 @@ def test_mc_view_makes_one_example_per_question(make_builder, sample, tokenizer,
     record, images = sample
     examples = make_builder("mc")(record, images)
     assert len(examples) == len(record["mc"]) >= 1
-    pixels = image_transform(images[0]).unsqueeze(0)
+    pixels = image_transform(images[0])
+    assert pixels.shape == (1, 3, 64, 64)  # one view of one image
     letter_replies = [[tokenizer.convert_tokens_to_ids(x), tokenizer.eos_token_id] for x in "ABCD"]
     for example, mc in zip(examples, record["mc"], strict=True):
         letter = OPTION_LETTERS[mc["answer"]]
