@@ -83,7 +83,10 @@ def test_unknown_yaml_key_names_it(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_unknown_projector_lists_the_valid_ones(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"unknown projector 'mlpp'; choose one of \['linear', 'mlp'"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown projector 'mlpp'; choose one of \['avgpool', 'c_abstractor', 'identity', 'ldp', 'linear', 'mlp'",
+    ):
         main(
             ["fit", "--config", CONFIG, "--model.projector.name=mlpp", f"--trainer.default_root_dir={tmp_path}", *FAST]
         )

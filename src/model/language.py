@@ -1,20 +1,46 @@
 """The language model: any `AutoModelForCausalLM`, from a hub id or an inline config.
 
-The attention backend is chosen explicitly: transformers 5 tries to download a hub kernel
-for `flash_attention_2` when flash-attn is missing, which fails offline; so `auto` means
-flash-attn when it is importable, else PyTorch SDPA.
+The attention backend is chosen explicitly: transformers 5 fetches a flash-attention
+kernel from the hub (the `kernels` package) when `flash_attention_2` is asked for and
+flash-attn is missing, which fails offline and runs unreviewed code online. So we only ask
+for `flash_attention_2` when transformers' own check finds flash-attn usable, and `auto`
+means flash-attn when usable, else PyTorch SDPA (else eager, for models without SDPA).
+
+The vocabulary is the tokenizer's: embeddings grow to cover it, rounded up to a multiple of
+64 rows (tensor-core friendly shapes). The extra rows, and any rows a hub model has beyond
+its tokenizer, are never produced by the data; a hook on the output head gives them the
+lowest logit, so no greedy step or candidate score can pick one and the loss is the same as
+without them.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from lightning.pytorch.utilities import rank_zero_info
+from tokenizers import AddedToken
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import is_flash_attn_2_available
+
+from src.data.conversation import IMAGE_TAG
+from src.model.lora import LoraSettings
 
 ATTENTION_BACKENDS = ("auto", "flash_attention_2", "sdpa", "eager")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZATIONS = ("none", "4bit", "8bit")
+PAD_TO_MULTIPLE_OF = 64
+TOKEN_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
 
 @dataclass
@@ -24,20 +50,118 @@ class LLMConfig:
     config: dict = field(default_factory=dict)
     """Inline config for a randomly initialised model: `model_type` plus its fields."""
     attn_implementation: str = "auto"
-    """`auto` (flash_attention_2 if installed, else sdpa), `flash_attention_2`, `sdpa` or `eager`."""
+    """`auto` (flash_attention_2 if installed with CUDA, else sdpa), `flash_attention_2`, `sdpa` or `eager`."""
     dtype: str = "float32"
     """Parameter dtype: float32, bfloat16 or float16."""
+    trust_remote_code: bool = False
+    """Run modelling/tokenizer code shipped with the hub repo (only for repos you trust)."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder layers in backward (non-reentrant): far less activation memory, ~30% more compute."""
+    quantization: str = "none"
+    """`none`, `4bit` (QLoRA: nf4, double quantisation, bf16 compute) or `8bit`; needs bitsandbytes and CUDA."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """The adapter trained when `freeze.llm` is `lora`."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):  # from a checkpoint's hyperparameters
+            self.lora = LoraSettings(**self.lora)
 
 
-def resolve_attention(requested: str) -> str:
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Adds `<image>` and a pad token when missing; returns the same tokenizer.
+
+    `<image>` becomes a special added token: never split by the model's pre-tokenizer, never
+    normalised, dropped by `decode(skip_special_tokens=True)`. It is appended, so its id is
+    `len(tokenizer)` before the call (or its existing id, if the vocabulary had it as a plain
+    token): the same on every load of the same tokenizer, which is what lets a checkpoint
+    reload with the ids it was trained with.
+
+    The pad token, when there is none, reuses unk, else eos, rather than adding a token:
+    padded positions are masked out of attention and loss, so any id serves, and a new row
+    would only be one more untrained embedding. unk before eos (as LLaVA does for Llama):
+    code that masks labels by the pad id would otherwise also mask every eos, and the model
+    would never learn to stop.
+    """
+    if IMAGE_TAG not in tokenizer.get_added_vocab():
+        token = AddedToken(IMAGE_TAG, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False)
+        tokenizer.add_special_tokens({"extra_special_tokens": [token]}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        if tokenizer.unk_token is None and tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has no pad, unk or eos token to pad with")
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    return tokenizer
+
+
+def _model_class(hf_config: PretrainedConfig) -> type[PreTrainedModel] | None:
+    """The class AutoModelForCausalLM picks; None for remote code, whose class the repo decides."""
+    try:
+        return AutoModelForCausalLM._model_mapping[type(hf_config)]
+    except (KeyError, ValueError):
+        return None
+
+
+def _flash_attn_usable() -> bool:
+    """transformers' own test (flash-attn >= 2.3.3 and a CUDA device), without its hub-kernel fallback.
+
+    When it holds, transformers never reaches for the `kernels` package; when it does not,
+    we never ask for flash_attention_2.
+    """
+    return torch.cuda.is_available() and is_flash_attn_2_available()
+
+
+def resolve_attention(requested: str, model_class: type | None = None) -> str:
+    """The backend to ask transformers for; `model_class` (when known) says what it supports."""
     if requested not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attn_implementation {requested!r}; choose one of {list(ATTENTION_BACKENDS)}")
-    has_flash = importlib.util.find_spec("flash_attn") is not None
+    name = "the model" if model_class is None else model_class.__name__
+    supports_flash = getattr(model_class, "_supports_flash_attn", True)
+    supports_sdpa = getattr(model_class, "_supports_sdpa", True)
+    # a model listing its own flash implementations would swap flash_attention_2 for a hub kernel
+    listed = getattr(model_class, "_compatible_flash_implementations", None)
+    if listed is not None and "flash_attention_2" not in listed:
+        supports_flash = False
     if requested == "auto":
-        return "flash_attention_2" if has_flash and torch.cuda.is_available() else "sdpa"
-    if requested == "flash_attention_2" and not has_flash:
-        raise ValueError("attn_implementation flash_attention_2 needs flash-attn: pip install '.[flash]'")
+        if _flash_attn_usable() and supports_flash:
+            return "flash_attention_2"
+        return "sdpa" if supports_sdpa else "eager"
+    if requested == "flash_attention_2":
+        if not torch.cuda.is_available():
+            raise ValueError("attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa or auto")
+        if not _flash_attn_usable():
+            raise ValueError("attn_implementation flash_attention_2 needs flash-attn: pip install '.[flash]'")
+        if not supports_flash:
+            raise ValueError(f"{name} has no flash_attention_2 implementation of its own; use sdpa or auto")
+    if requested == "sdpa" and not supports_sdpa:
+        raise ValueError(f"{name} does not support sdpa attention; use eager or auto")
     return requested
+
+
+def check_quantization(config: LLMConfig) -> None:
+    """Fails early (before data or weights load) when quantisation cannot work here."""
+    if config.quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown llm.quantization {config.quantization!r}; choose one of {list(QUANTIZATIONS)}")
+    if config.quantization == "none":
+        return
+    if config.name is None:
+        raise ValueError("llm.quantization needs pretrained weights (llm.name); an inline config starts random")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"llm.quantization {config.quantization} needs bitsandbytes: pip install '.[qlora]'")
+    if not torch.cuda.is_available():
+        raise ValueError(f"llm.quantization {config.quantization} needs a CUDA GPU (bitsandbytes kernels)")
+
+
+def quantization_config(config: LLMConfig) -> BitsAndBytesConfig | None:
+    """QLoRA's recipe for 4 bit: nf4 weights, quantised quantisation constants, bf16 matmuls."""
+    if config.quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    if config.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
 
 
 def _coerce(value: object, default: object) -> object:
@@ -54,27 +178,109 @@ def _coerce(value: object, default: object) -> object:
     return value
 
 
+def padded_vocab(vocab_size: int) -> int:
+    """Rows that cover `vocab_size` tokens, rounded up to a multiple of 64."""
+    return math.ceil(vocab_size / PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF
+
+
+def _inline_config(config: LLMConfig, vocab_size: int) -> PretrainedConfig:
+    fields = dict(config.config)
+    model_type = fields.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("llm.config needs a model_type (e.g. llama) when llm.name is not set")
+    known = AutoConfig.for_model(model_type).to_dict()
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ValueError(f"llm.config has keys that {model_type} configs do not know: {unknown}")
+    fields = {key: _coerce(value, known[key]) for key, value in fields.items()}
+    fields.setdefault("vocab_size", padded_vocab(vocab_size))
+    for key in TOKEN_ID_FIELDS:
+        # defaults sized for the original vocabulary (phi3: pad 32000) would not fit a small one
+        default = known.get(key)
+        if key not in fields and isinstance(default, int) and default >= fields["vocab_size"]:
+            fields[key] = None
+    return AutoConfig.for_model(model_type, **fields)
+
+
+@torch.no_grad()
+def _grow_vocab(model: PreTrainedModel, vocab_size: int) -> None:
+    """Resizes to cover `vocab_size` (multiple of 64); new rows are the mean of the old ones.
+
+    The mean (what transformers' mean_resizing samples around, without its noise) keeps the
+    new tokens' logits ordinary and is deterministic, so rebuilding the base for a saved
+    LoRA adapter reproduces these rows exactly.
+    """
+    old = model.get_input_embeddings().num_embeddings
+    model.resize_token_embeddings(vocab_size, pad_to_multiple_of=PAD_TO_MULTIPLE_OF, mean_resizing=False)
+    tensors = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
+    if head is not None:
+        tensors += [head.weight] + ([head.bias] if getattr(head, "bias", None) is not None else [])
+    for tensor in {id(t): t for t in tensors}.values():  # tied weights once
+        tensor[old:] = tensor[:old].float().mean(0).to(tensor.dtype)
+
+
+class HideRowsBeyond:
+    """Forward hook on the output head: rows >= `size` get the dtype's lowest logit."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if output.shape[-1] <= self.size:
+            return None
+        beyond = torch.arange(output.shape[-1], device=output.device) >= self.size
+        return output.masked_fill(beyond, torch.finfo(output.dtype).min)
+
+
+def lm_logits(llm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits of decoder hidden states, as the causal LM's own forward makes them.
+
+    `get_output_embeddings()` alone is not enough for every model: Gemma 2 (and Gemma 3
+    when configured) soft-caps its final logits in the causal-LM forward, after the head.
+    Soft-capped rows beyond the tokenizer sit at -cap, the floor no real token reaches.
+    """
+    logits = llm.get_output_embeddings()(hidden)
+    cap = getattr(llm.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def build_llm(config: LLMConfig, vocab_size: int) -> PreTrainedModel:
-    """Builds the LLM; grows its embeddings when the tokenizer has more tokens (`<image>`)."""
+    """Builds the LLM for a tokenizer of `vocab_size` tokens (see the module docstring)."""
     if config.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {config.dtype!r}; choose one of {list(DTYPES)}")
-    attention = resolve_attention(config.attn_implementation)
+    check_quantization(config)
     dtype = DTYPES[config.dtype]
     if config.name is not None:
-        model = AutoModelForCausalLM.from_pretrained(config.name, attn_implementation=attention, dtype=dtype)
+        hf_config = AutoConfig.from_pretrained(config.name, trust_remote_code=config.trust_remote_code)
     else:
-        fields = dict(config.config)
-        model_type = fields.pop("model_type", None)
-        if model_type is None:
-            raise ValueError("llm.config needs a model_type (e.g. llama) when llm.name is not set")
-        fields.setdefault("vocab_size", vocab_size)
-        known = AutoConfig.for_model(model_type).to_dict()
-        unknown = sorted(set(fields) - set(known))
-        if unknown:
-            raise ValueError(f"llm.config has keys that {model_type} configs do not know: {unknown}")
-        fields = {key: _coerce(value, known[key]) for key, value in fields.items()}
-        hf_config = AutoConfig.for_model(model_type, **fields)
-        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attention, dtype=dtype)
+        hf_config = _inline_config(config, vocab_size)
+    attention = resolve_attention(config.attn_implementation, _model_class(hf_config))
+    rank_zero_info(f"llm attention: {attention} (attn_implementation: {config.attn_implementation})")
+    if config.name is not None:
+        quantization = quantization_config(config)
+        placement = {"device_map": {"": torch.cuda.current_device()}} if quantization is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(
+            config.name,
+            config=hf_config,
+            attn_implementation=attention,
+            dtype=dtype,
+            trust_remote_code=config.trust_remote_code,
+            quantization_config=quantization,
+            **placement,
+        )
+    else:
+        model = AutoModelForCausalLM.from_config(
+            hf_config, attn_implementation=attention, dtype=dtype, trust_remote_code=config.trust_remote_code
+        )
+    if model.config._attn_implementation != attention:  # e.g. remote code choosing on its own
+        raise ValueError(f"asked for {attention} attention, the model set up {model.config._attn_implementation}")
     if model.get_input_embeddings().num_embeddings < vocab_size:
-        model.resize_token_embeddings(vocab_size)
+        _grow_vocab(model, vocab_size)
+    if model.get_output_embeddings().weight.shape[0] > vocab_size:
+        model.get_output_embeddings().register_forward_hook(HideRowsBeyond(vocab_size))
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.data.conversation import IGNORE_INDEX
+from src.model.language import lm_logits
 
 
 @dataclass
@@ -71,7 +72,7 @@ class LlavaModel(nn.Module):
     ) -> LlavaOutput:
         embeddings = self.embed(input_ids, pixel_values)
         decoder = self.llm.get_decoder()
-        hidden = decoder(inputs_embeds=embeddings, attention_mask=attention_mask).last_hidden_state
+        hidden = decoder(inputs_embeds=embeddings, attention_mask=attention_mask, use_cache=False).last_hidden_state
         if labels is None:
             return LlavaOutput(None, hidden, 0)
         loss, count = self.supervised_loss(hidden, labels)
@@ -88,13 +89,13 @@ class LlavaModel(nn.Module):
         count = int(keep.sum())
         if count == 0:
             return hidden.sum() * 0.0, 0  # keeps the graph (and DDP) whole
-        logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])
+        logits = lm_logits(self.llm, hidden[:, :-1][keep])
         return F.cross_entropy(logits.float(), targets[keep]), count
 
     def logits_at(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Next-token logits at one position per row: (batch,) -> (batch, vocab)."""
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return self.llm.get_output_embeddings()(hidden[rows, positions]).float()
+        return lm_logits(self.llm, hidden[rows, positions]).float()
 
     @torch.no_grad()
     def score_candidates(
@@ -128,10 +129,10 @@ class LlavaModel(nn.Module):
         mask = torch.zeros((len(pieces), length), dtype=torch.long, device=input_ids.device)
         for i, (piece, target) in enumerate(zip(pieces, targets, strict=True)):
             batch[i, : piece.shape[0]], labels[i, : piece.shape[0]], mask[i, : piece.shape[0]] = piece, target, 1
-        hidden = self.llm.get_decoder()(inputs_embeds=batch, attention_mask=mask).last_hidden_state
+        hidden = self.llm.get_decoder()(inputs_embeds=batch, attention_mask=mask, use_cache=False).last_hidden_state
         shifted = labels[:, 1:]
         keep = shifted != IGNORE_INDEX
-        log_probs = torch.log_softmax(self.llm.get_output_embeddings()(hidden[:, :-1][keep]).float(), dim=-1)
+        log_probs = torch.log_softmax(lm_logits(self.llm, hidden[:, :-1][keep]).float(), dim=-1)
         token_scores = log_probs.gather(1, shifted[keep].unsqueeze(1)).squeeze(1)
         per_piece = torch.zeros(len(pieces), device=input_ids.device).index_add_(0, keep.nonzero()[:, 0], token_scores)
         for i, (row, k) in enumerate(owners):
@@ -168,7 +169,9 @@ class LlavaModel(nn.Module):
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
             end = int(lengths.max())
-            hidden = decoder(inputs_embeds=buffer[:, :end], attention_mask=mask[:, :end]).last_hidden_state
+            hidden = decoder(
+                inputs_embeds=buffer[:, :end], attention_mask=mask[:, :end], use_cache=False
+            ).last_hidden_state
             tokens = self.logits_at(hidden, lengths - 1).argmax(dim=-1)
             for row in (~done).nonzero().flatten().tolist():
                 outputs[row].append(int(tokens[row]))

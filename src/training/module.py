@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from lightning.pytorch import LightningModule
@@ -18,22 +18,26 @@ from transformers import AutoTokenizer
 
 from src.data.conversation import IGNORE_INDEX, IMAGE_TAG, parse_choice
 from src.eval.multiple_choice import MultipleChoiceAccuracy
-from src.model.language import LLMConfig, build_llm
+from src.model.language import LLMConfig, build_llm, check_quantization, prepare_tokenizer
 from src.model.llava import LlavaModel
+from src.model.lora import apply_lora
 from src.model.projector import ProjectorConfig, build_projector
 from src.model.vision import VisionConfig, build_vision_tower
 
 PARTS = ("vision", "projector", "llm")
-PART_MODES = ("frozen", "full")
+PART_MODES = {"vision": ("frozen", "full"), "projector": ("frozen", "full"), "llm": ("frozen", "full", "lora")}
 
 
 @dataclass
 class FreezeConfig:
-    """Per part: `frozen` or `full` (trained). LLaVA stage 1 trains only the projector."""
+    """What trains, per part. LLaVA stage 1 trains only the projector."""
 
     vision: str = "frozen"
+    """`frozen` or `full` (trained)."""
     projector: str = "full"
+    """`frozen` or `full` (trained)."""
     llm: str = "frozen"
+    """`frozen`, `full`, or `lora`: a trained adapter (`llm.lora`) on a frozen base."""
 
 
 @dataclass
@@ -83,7 +87,7 @@ class LlavaLitModule(LightningModule):
     ) -> None:
         """
         Args:
-            tokenizer: hub id or folder of the tokenizer; it must know the `<image>` token.
+            tokenizer: hub id or folder of the tokenizer; `<image>` and a pad token are added when missing.
             vision: the vision tower.
             projector: the projector by registered name.
             llm: the language model.
@@ -98,15 +102,20 @@ class LlavaLitModule(LightningModule):
         self.llm_config = _as_config(LLMConfig, llm)
         self.freeze_config = _as_config(FreezeConfig, freeze)
         self.optimizer_config = _as_config(OptimizerConfig, optimizer)
+        # checkpoints keep plain dicts, as the CLI writes them, so they load with torch's weights_only default
+        for key in ("vision", "projector", "llm", "freeze", "optimizer"):
+            self.hparams[key] = asdict(getattr(self, f"{key}_config"))
         for part in PARTS:
             mode = getattr(self.freeze_config, part)
-            if mode not in PART_MODES:
-                raise ValueError(f"freeze.{part}: unknown mode {mode!r}; choose one of {list(PART_MODES)}")
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-        image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TAG)
-        if image_id is None or image_id == self.tokenizer.unk_token_id:
-            raise ValueError(f"tokenizer {tokenizer!r} has no {IMAGE_TAG} token")
-        self.image_token_id = image_id
+            if mode not in PART_MODES[part]:
+                raise ValueError(f"freeze.{part}: unknown mode {mode!r}; choose one of {list(PART_MODES[part])}")
+        if self.llm_config.quantization != "none" and self.freeze_config.llm == "full":
+            raise ValueError("a quantised LLM cannot train in full: use freeze.llm lora (QLoRA) or frozen")
+        check_quantization(self.llm_config)  # before any data or weights load
+        # the LLM's trust_remote_code covers its tokenizer, and nothing else
+        loaded = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=self.llm_config.trust_remote_code)
+        self.tokenizer = prepare_tokenizer(loaded)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TAG)
         self.model: LlavaModel | None = None
         self.val_mc = MultipleChoiceAccuracy()
         self.test_mc = MultipleChoiceAccuracy()
@@ -118,6 +127,8 @@ class LlavaLitModule(LightningModule):
             return
         vision = build_vision_tower(self.vision_config)
         llm = build_llm(self.llm_config, vocab_size=len(self.tokenizer))
+        if self.freeze_config.llm == "lora":
+            llm = apply_lora(llm, self.llm_config.lora)
         projector = build_projector(
             self.projector_config,
             vision.hidden_size,
@@ -129,16 +140,29 @@ class LlavaLitModule(LightningModule):
         self.apply_freeze()
 
     def apply_freeze(self) -> None:
+        """`full` and `frozen` set a whole part; under `lora` peft already froze all but the adapter."""
         assert self.model is not None
-        lines = []
         for part in PARTS:
-            module = getattr(self.model, part)
-            trains = getattr(self.freeze_config, part) == "full"
-            module.requires_grad_(trains)
-            count = sum(p.numel() for p in module.parameters())
-            lines.append(f"  {part:<10} {'trains' if trains else 'frozen':<7} {count:>14,d} parameters")
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            mode = getattr(self.freeze_config, part)
+            if mode != "lora":
+                getattr(self.model, part).requires_grad_(mode == "full")
+        counts = self.parameter_counts()
+        lines = [
+            f"  {part:<10} {getattr(self.freeze_config, part):<7} {counts[part][0]:>14,d} trainable "
+            f"of {counts[part][1]:>14,d}"
+            for part in PARTS
+        ]
+        trainable = sum(t for t, _ in counts.values())
         rank_zero_info("what trains:\n" + "\n".join(lines) + f"\n  {'total':<18} {trainable:>14,d} trainable")
+
+    def parameter_counts(self) -> dict[str, tuple[int, int]]:
+        """Per part: (trainable, all) parameters; a LoRA adapter counts with its LLM."""
+        assert self.model is not None
+        counts = {}
+        for part in PARTS:
+            params = list(getattr(self.model, part).parameters())
+            counts[part] = (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+        return counts
 
     def data_spec(self) -> dict:
         """What the data pipeline needs of the model, and nothing more."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from src.data.conversation import IGNORE_INDEX
-from src.model.language import LLMConfig, build_llm
+from src.model.language import LLMConfig, build_llm, padded_vocab
 from src.model.llava import LlavaModel
 from src.model.projector import ProjectorConfig, build_projector
 from src.model.vision import TimmVisionTower, VisionConfig
@@ -135,7 +135,9 @@ def test_supervised_loss_equals_full_cross_entropy(model, batch):
     with torch.no_grad():
         out = model(ids, mask, pixels, labels)
         logits = model.llm(inputs_embeds=model.embed(ids, pixels), attention_mask=mask).logits
-    reference = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    reference = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+    )
     assert out.supervised_tokens == int((labels[:, 1:] != IGNORE_INDEX).sum()) == 7
     assert abs(out.loss.item() - reference.item()) < 1e-5
     assert out.hidden_states.shape == (3, ids.shape[1], 32)
@@ -168,7 +170,7 @@ def test_logits_at(model, batch):
         full = model.llm(inputs_embeds=model.embed(ids, pixels), attention_mask=mask).logits
         positions = torch.tensor([len(r) - 1 for r in ROWS])
         got = model.logits_at(hidden, positions)
-    assert got.shape == (3, VOCAB) and got.dtype == torch.float32
+    assert got.shape == (3, padded_vocab(VOCAB)) and got.dtype == torch.float32
     torch.testing.assert_close(got, full[torch.arange(3), positions], atol=1e-5, rtol=1e-5)
 
 

@@ -8,11 +8,19 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 import webdataset as wds
+from peft import PeftModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from src.cli import main
+from src.data.conversation import IMAGE_TAG
+from src.model.language import LLMConfig
+from src.model.lora import LoraSettings, save_lora_adapter
 from src.model.vision import VisionConfig
+from src.training import module as module_file
 from src.training.module import FreezeConfig, LlavaLitModule, OptimizerConfig, _as_config, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,8 +56,12 @@ def test_freeze_policy_sets_what_trains():
 
 
 def test_unknown_freeze_mode_and_nothing_to_train():
-    with pytest.raises(ValueError, match=r"freeze.llm: unknown mode 'lora'; choose one of \['frozen', 'full'\]"):
-        LlavaLitModule(TOKENIZER, freeze=FreezeConfig(llm="lora"), **TINY)
+    with pytest.raises(ValueError, match=r"freeze.vision: unknown mode 'lora'; choose one of \['frozen', 'full'\]"):
+        LlavaLitModule(TOKENIZER, freeze=FreezeConfig(vision="lora"), **TINY)
+    with pytest.raises(
+        ValueError, match=r"freeze.llm: unknown mode 'qlora'; choose one of \['frozen', 'full', 'lora'\]"
+    ):
+        LlavaLitModule(TOKENIZER, freeze=FreezeConfig(llm="qlora"), **TINY)
     module = LlavaLitModule(TOKENIZER, freeze=FreezeConfig("frozen", "frozen", "frozen"), **TINY)
     module.configure_model()
     with pytest.raises(ValueError, match="nothing trains"):
@@ -93,3 +105,86 @@ def test_a_corrupt_sample_is_skipped_counted_and_logged_while_training_goes_on(t
     assert scalars["data/skipped_train_bad_json"] == 1
     assert scalars["data/skipped_train_bad_image"] == 1
     assert len(acc.Scalars("train/loss")) == 3
+
+
+LORA = {**TINY, "llm": LLMConfig(config=TINY["llm"]["config"], lora=LoraSettings(r=4, alpha=8))}
+
+
+def test_lora_trains_the_adapter_alone_and_the_optimizer_sees_only_it(monkeypatch, tmp_path):
+    module = LlavaLitModule(TOKENIZER, freeze=FreezeConfig(vision="frozen", projector="full", llm="lora"), **LORA)
+    module.configure_model()
+    model = module.model
+    module.configure_model()
+    assert module.model is model  # built once
+    llm = model.llm
+    assert isinstance(llm, PeftModel)
+    lora = sum(p.numel() for n, p in llm.named_parameters() if "lora_" in n)
+    counts = module.parameter_counts()
+    assert counts["llm"] == (lora, sum(p.numel() for p in llm.parameters()))
+    assert 0 < lora < counts["llm"][1]
+    assert counts["vision"][0] == 0 and counts["projector"][0] == counts["projector"][1] > 0
+    assert not llm.get_input_embeddings().weight.requires_grad
+    assert not llm.get_output_embeddings().weight.requires_grad
+    monkeypatch.setattr(module, "_trainer", type("Stub", (), {"estimated_stepping_batches": 10})())
+    optimizer = module.configure_optimizers()["optimizer"]
+    grouped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
+    assert sum(p.numel() for group in optimizer.param_groups for p in group["params"]) == lora + counts["projector"][0]
+    assert module.data_spec()["image_tokens"] == 4
+    out = save_lora_adapter(module, tmp_path / "adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_trust_remote_code_reaches_the_tokenizer_only_when_asked(monkeypatch):
+    seen = []
+    real = module_file.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(
+        module_file.AutoTokenizer,
+        "from_pretrained",
+        lambda *a, **k: seen.append(k.get("trust_remote_code")) or real(*a, **k),
+    )
+    LlavaLitModule(TOKENIZER, **TINY)
+    LlavaLitModule(TOKENIZER, llm={**TINY["llm"], "trust_remote_code": True})
+    assert seen == [False, True]
+
+
+def test_a_quantised_llm_cannot_train_in_full_and_needs_bitsandbytes():
+    llm = LLMConfig(name="some/llm", quantization="4bit")
+    with pytest.raises(ValueError, match="a quantised LLM cannot train in full: use freeze.llm lora"):
+        LlavaLitModule(TOKENIZER, llm=llm, freeze=FreezeConfig(llm="full"))
+    with pytest.raises(ValueError, match=r"llm.quantization 4bit needs bitsandbytes: pip install '.\[qlora\]'"):
+        LlavaLitModule(TOKENIZER, llm=llm, freeze=FreezeConfig(llm="lora"))
+
+
+def test_a_tokenizer_without_image_or_pad_is_prepared_and_the_model_covers_it(tmp_path):
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(70)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(
+        tmp_path
+    )  # fmt: skip
+    module = LlavaLitModule(str(tmp_path), **TINY)
+    assert module.image_token_id == len(words) == module.tokenizer.convert_tokens_to_ids(IMAGE_TAG)
+    assert module.tokenizer.pad_token == "<unk>"
+    module.configure_model()
+    assert module.model.image_token_id == len(words)
+    assert module.model.llm.get_input_embeddings().num_embeddings == 128  # 74 tokens, padded to 64s
+
+
+def test_a_lora_run_checkpoints_and_reloads(tmp_path: Path, shards):
+    root = tmp_path / "run"
+    cli = main([
+        "fit", "--config", CONFIG, f"--trainer.default_root_dir={root}", "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--data.num_workers=0",
+        f"--data.train_shards={shards['train'][0]}", "--data.batch_size=4", "--data.shuffle_buffer=0",
+        "--model.freeze.llm=lora", "--model.llm.lora.r=4", "--model.llm.lora.alpha=8",
+    ])  # fmt: skip
+    (checkpoint,) = root.rglob("last.ckpt")
+    trained = cli.model.state_dict()
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in trained.items())  # the adapter moved
+    loaded = LlavaLitModule.load_from_checkpoint(checkpoint)
+    assert isinstance(loaded.model.llm, PeftModel) and loaded.llm_config.lora.r == 4
+    state = loaded.state_dict()
+    assert state.keys() == trained.keys()
+    for key, value in trained.items():
+        assert torch.equal(state[key], value), key
