@@ -64,11 +64,23 @@ def test_double_registration_is_an_error(widgets):
 
 
 def test_builtin_registries_hold_their_parts():
-    assert PROJECTORS.names() == ["avgpool", "c_abstractor", "identity", "ldp", "linear", "mlp", "pixel_shuffle", "resampler"]
+    assert PROJECTORS.names() == [
+        "avgpool",
+        "c_abstractor",
+        "identity",
+        "ldp",
+        "linear",
+        "mlp",
+        "pixel_shuffle",
+        "resampler",
+    ]
     assert PROJECTORS.get("linear") is LinearProjector and PROJECTORS.get("mlp") is MLPProjector
     assert TEMPLATES.names() == ["chat_template", "llama2", "plain", "vicuna_v1"]
     assert TEMPLATES.get("plain") is PlainTemplate and TEMPLATES.get("vicuna_v1") is VicunaTemplate
     with pytest.raises(
-        ValueError, match=re.escape("unknown conversation template 'vicuna'; choose one of ['chat_template', 'llama2', 'plain', 'vicuna_v1']")
+        ValueError,
+        match=re.escape(
+            "unknown conversation template 'vicuna'; choose one of ['chat_template', 'llama2', 'plain', 'vicuna_v1']"
+        ),
     ):
         TEMPLATES.get("vicuna")

@@ -23,6 +23,7 @@ from src.model.llava import LlavaModel
 from src.model.lora import apply_lora
 from src.model.projector import ProjectorConfig, build_projector
 from src.model.vision import VisionConfig, build_vision_tower
+from src.model.weights import load_parts, read_state
 
 PARTS = ("vision", "projector", "llm")
 PART_MODES = {"vision": ("frozen", "full"), "projector": ("frozen", "full"), "llm": ("frozen", "full", "lora")}
@@ -84,6 +85,7 @@ class LlavaLitModule(LightningModule):
         freeze: FreezeConfig | None = None,
         optimizer: OptimizerConfig | None = None,
         max_new_tokens: int = 32,
+        init_from: str | None = None,
     ) -> None:
         """
         Args:
@@ -94,6 +96,9 @@ class LlavaLitModule(LightningModule):
             freeze: what trains, per part.
             optimizer: AdamW with linear warm-up and cosine decay.
             max_new_tokens: longest generated reply when evaluating (`reasoned` multiple choice).
+            init_from: weights to start from: a state-dict file (`python -m src.export from-hf`) or a
+                Lightning checkpoint of an earlier stage; each part it holds (vision, projector, llm)
+                is loaded whole, and a key or shape mismatch is an error.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -127,8 +132,6 @@ class LlavaLitModule(LightningModule):
             return
         vision = build_vision_tower(self.vision_config)
         llm = build_llm(self.llm_config, vocab_size=len(self.tokenizer))
-        if self.freeze_config.llm == "lora":
-            llm = apply_lora(llm, self.llm_config.lora)
         projector = build_projector(
             self.projector_config,
             vision.hidden_size,
@@ -137,6 +140,11 @@ class LlavaLitModule(LightningModule):
             vision.num_prefix_tokens,
         )
         self.model = LlavaModel(vision, projector, llm, self.image_token_id)
+        if self.hparams.init_from:  # before LoRA wraps the LLM, so the keys are the plain model's
+            parts = load_parts(self.model, read_state(self.hparams.init_from))
+            rank_zero_info(f"init_from {self.hparams.init_from}: loaded {', '.join(parts) or 'nothing'}")
+        if self.freeze_config.llm == "lora":
+            self.model.llm = apply_lora(self.model.llm, self.llm_config.lora)
         self.apply_freeze()
 
     def apply_freeze(self) -> None:
