@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,8 +27,10 @@ import yaml
 from torch import nn
 
 from src.data.conversation import IMAGE_TAG
+from src.model.language import LLMConfig
 from src.model.llava import LlavaModel
-from src.model.projector import LinearProjector, MLPProjector
+from src.model.projector import LinearProjector, MLPProjector, ProjectorConfig
+from src.model.vision import VisionConfig
 
 EXPORTABLE_TOWERS = {"clip_vision_model": "CLIP", "siglip_vision_model": "SigLIP"}
 EXPORTABLE_IMAGE_MODES = ("resize", "resize_crop", "pad")
@@ -319,7 +322,17 @@ def write_imported(hf_folder: str | Path, out: str | Path) -> Path:
     model_config, state = from_transformers(hf_folder)
     AutoTokenizer.from_pretrained(hf_folder).save_pretrained(out / "tokenizer")
     torch.save(state, out / "weights.pt")
-    model_config = {"tokenizer": str(out / "tokenizer"), **model_config, "init_from": str(out / "weights.pt")}
+    # every field written out, so this file overrides a whole part of any config it is merged after
+    full = {
+        "vision": asdict(VisionConfig(**model_config["vision"])),
+        "projector": asdict(ProjectorConfig(**model_config["projector"])),
+        "llm": asdict(LLMConfig(**model_config["llm"])),
+    }
+    for part in full.values():
+        for key, value in part.items():
+            if isinstance(value, tuple):
+                part[key] = list(value)
+    model_config = {"tokenizer": str(out / "tokenizer"), **full, "init_from": str(out / "weights.pt")}
     (out / "model.yaml").write_text(yaml.safe_dump({"model": model_config}, sort_keys=False))
     return out
 

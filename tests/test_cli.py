@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,20 @@ def test_print_config_shows_the_resolved_config(capsys: pytest.CaptureFixture[st
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "name: linear" in out and "train_shards:" in out and "vit_tiny_patch16_224" in out
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["--model.projector.name=pixel_shuffle", "--model.projector.kwargs={factor: 2}"],
+        ["--model.projector.name=c_abstractor", "--model.projector.kwargs={depth: 1}"],
+        ["--model.projector.name=resampler", "--model.projector.kwargs={num_queries: 3, layers: 1, heads: 4}"],
+        ["--model.freeze.llm=lora", "--model.llm.lora.r=4", "--model.llm.lora.alpha=8"],
+        ["--model.vision.image_mode=anyres", "--model.vision.anyres_grids=[[128, 64], [64, 128]]"],
+    ],
+    ids=["pixel_shuffle", "c_abstractor", "resampler", "lora", "anyres"],
+)
+def test_zoo_parts_swap_in_from_the_command_line_and_train(tmp_path: Path, overrides: list[str]) -> None:
+    main(["fit", "--config", CONFIG, *overrides, f"--trainer.default_root_dir={tmp_path}", *FAST])
+    losses = _scalars(tmp_path)["train/loss"]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)

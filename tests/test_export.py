@@ -13,6 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
+from src.cli import main as cli_main
 from src.data.conversation import IGNORE_INDEX, IMAGE_TAG
 from src.export import NotExportable, export, from_transformers, main, to_transformers
 from src.model.projector import ProjectorConfig
@@ -20,6 +21,8 @@ from src.model.vision import VisionConfig
 from src.training.module import LlavaLitModule
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
 CLIP = dict(model_type="clip_vision_model", image_size=32, patch_size=8, **LAYERS)  # 4x4 grid + CLS
@@ -192,7 +195,9 @@ QWEN2 = {"model_type": "qwen2", "hidden_size": 48, "intermediate_size": 96, "num
     ],
     ids=["clip-llama", "siglip-qwen2-tied"],
 )
-def test_import_gives_a_config_and_weights_that_reproduce_the_transformers_model(demo_dir, tmp_path, vision, llm, mode):
+def test_import_gives_a_config_and_weights_that_reproduce_the_transformers_model(
+    demo_dir, tmp_path, capsys, vision, llm, mode
+):
     from transformers import LlavaForConditionalGeneration
 
     source = make_module(demo_dir / "tokenizer", vision, llm=llm, seed=3)
@@ -214,6 +219,14 @@ def test_import_gives_a_config_and_weights_that_reproduce_the_transformers_model
     assert_parity(imported, hf, batch_for(source))
     _, state = from_transformers(tmp_path / "hf")
     assert set(state) == set(imported.model.state_dict())
+    # merged after the demo config, model.yaml replaces the whole model section
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(ROOT / "lightning_config.yaml"), "--config",
+                  str(tmp_path / "ours" / "model.yaml"), "--print_config"])  # fmt: skip
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert printed["vision"] == config["vision"] and printed["init_from"] == config["init_from"]
+    assert printed["llm"]["config"] == config["llm"]["config"] and printed["llm"]["name"] is None
     transform, original = imported.model.vision.image_transform(), source.model.vision.image_transform()
     assert (transform.mode, transform.size, transform.mean, transform.std) == (
         original.mode, original.size, original.mean, original.std)  # fmt: skip

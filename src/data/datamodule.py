@@ -265,7 +265,7 @@ class LlavaDataModule(LightningDataModule):
                 (reply: the answer, then "The answer is X."; generated and parsed).
             image_position: where the `mc` view puts the image in its question: `first` (LLaVA's
                 usual `<image>\nquestion`) or `last` (after the question and options).
-            template: conversation template by name (`plain`, `vicuna_v1`).
+            template: conversation template by name (`plain`, `vicuna_v1`, `llama2`, `chat_template`).
             system_prompt: replaces the template's system prompt; "" drops it.
             max_length: longest sequence in tokens (image tokens included); longer chats lose whole turns.
             batch_size: training samples per step on each rank.

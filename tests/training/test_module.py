@@ -188,3 +188,41 @@ def test_a_lora_run_checkpoints_and_reloads(tmp_path: Path, shards):
     assert state.keys() == trained.keys()
     for key, value in trained.items():
         assert torch.equal(state[key], value), key
+
+
+@pytest.mark.parametrize(
+    ("mode", "views"),
+    [("anyres", [3, 5]), ("pad", [1, 1])],  # anyres: a global view + 2 crops (wide), + 4 crops (large square)
+)
+def test_images_of_any_shape_train_end_to_end_through_the_data_spec(mode, views):
+    """Tower -> transform -> encoder -> collate -> model: every view's tokens land at its image's tag."""
+    from PIL import Image
+
+    from src.data.conversation import ConversationEncoder, build_template
+    from src.data.datamodule import collate
+    from src.data.samples import ExampleBuilder
+
+    clip = {"model_type": "clip_vision_model", "image_size": 32, "patch_size": 8, "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}  # fmt: skip
+    vision = VisionConfig(type="hf", config=clip, image_mode=mode, anyres_grids=[[64, 32], [32, 64], [64, 64]])
+    module = LlavaLitModule(TOKENIZER, vision=vision, llm=TINY["llm"], freeze=FreezeConfig(vision="full"))
+    spec = module.data_spec()
+    assert spec["image_tokens"] == 16  # a 4x4 grid per view, CLS dropped
+    transform = spec["image_transform"]
+    images = [Image.new("RGB", (96, 40), (200, 0, 0)), Image.new("RGB", (90, 90), (0, 0, 200))]
+    assert [transform.views_for(*image.size) for image in images] == views
+    encoder = ConversationEncoder(spec["tokenizer"], build_template("vicuna_v1", ""), spec["image_tokens"])
+    builder = ExampleBuilder(encoder, transform, "caption")
+    examples = [
+        builder({"caption": "a red square"}, [images[0]])[0],
+        builder({"caption": "a blue circle"}, [images[1]])[0],
+    ]
+    batch = collate(examples, spec["tokenizer"].pad_token_id)
+    assert batch["pixel_values"].shape == (sum(views), 3, 32, 32)
+    placeholders = (batch["input_ids"] == module.image_token_id).sum(dim=1).tolist()
+    assert placeholders == [16 * v for v in views]
+    out = module.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    grads = [p.grad for p in module.model.vision.wrap_modules()[0].parameters()]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
