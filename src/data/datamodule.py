@@ -1,229 +1,52 @@
-"""Streaming WebDataset shards into batches for Lightning.
+"""The Lightning side of the data: which shards, read how, batched how, resumed where.
 
-Shards are split across ranks and dataloader workers with rank and world size handed in
-by the trainer, not read from the environment (spawned workers may not see it). Training
-streams forever, reshuffling the shard list with seed + pass so ranks rotate shards, and
-each Lightning epoch takes the same number of batches on every rank, so DDP/FSDP never
-wait on a rank that ran out of data. Evaluation reads every sample exactly once.
+The streaming itself lives in `src/data/stream.py`. This module turns the `data:` section
+of a config into streams for each stage, hands rank and world size to them (spawned
+workers may not see the environment), and keeps the training stream's position in
+checkpoints: each training batch carries its reader's position, the module remembers the
+last one each reader delivered, and a resumed run starts every reader there.
 """
 
 from __future__ import annotations
 
-import json
-import random
-from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
 
-import torch
-from braceexpand import braceexpand
+import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
 
-from src.data.conversation import (
-    IGNORE_INDEX,
-    MC_FORMATS,
-    TEMPLATES,
-    ConversationEncoder,
-    SampleError,
-    build_template,
+from src.data.conversation import MC_FORMATS, TEMPLATES, ConversationEncoder, build_template
+from src.data.samples import IMAGE_POSITIONS, VIEWS, ExampleBuilder
+from src.data.stream import (  # noqa: F401  (re-exported: the data API in one place)
+    BATCHING,
+    ShardStream,
+    StreamSource,
+    collate,
+    count_samples,
+    expand_shards,
+    read_sizes,
 )
-from src.data.decode import SkipCounter, decode_sample
-from src.data.samples import IMAGE_POSITIONS, VIEWS, Example, ExampleBuilder
+
+STATE_VERSION = 1
 
 
-def expand_shards(spec: str | list[str]) -> list[str]:
-    """Brace patterns (`train-{000000..000099}.tar`), lists, and any URL webdataset opens."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    return [url for item in specs for url in braceexpand(item)]
+@dataclass
+class MixtureSource:
+    """One shard set of a training mixture."""
 
-
-def read_sizes(shards: list[str]) -> dict[str, int]:
-    """Samples per shard from the `sizes.json` beside each local shard (unknown ones left out)."""
-    sizes: dict[str, int] = {}
-    tables: dict[Path, dict] = {}
-    for shard in shards:
-        path = Path(shard)
-        table_path = path.parent / "sizes.json"
-        if table_path not in tables:
-            tables[table_path] = json.loads(table_path.read_text()) if table_path.is_file() else {}
-        if path.name in tables[table_path]:
-            sizes[shard] = int(tables[table_path][path.name])
-    return sizes
-
-
-def count_samples(shards: list[str]) -> int | None:
-    """Samples in these shards from their `sizes.json`; None if any shard is unknown."""
-    sizes = read_sizes(shards)
-    return sum(sizes.values()) if len(sizes) == len(shards) else None
-
-
-def collate(examples: list[Example], pad_id: int) -> dict:
-    """Right-padded batch; all images of the batch stacked in sample order."""
-    length = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = e.input_ids, e.labels, 1
-    pixels = [e.pixel_values for e in examples if e.pixel_values is not None]
-    batch = {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": attention_mask,
-        "pixel_values": torch.cat(pixels) if pixels else None,
-    }
-    if any(e.mc is not None for e in examples):
-        batch["mc_answer"] = torch.tensor([e.mc["answer"] if e.mc else -1 for e in examples])
-        batch["mc_candidates"] = [e.mc["candidates"] if e.mc else [] for e in examples]
-        batch["mc_type"] = [e.mc["type"] if e.mc else "" for e in examples]
-        batch["mc_format"] = next(e.mc["format"] for e in examples if e.mc)
-    return batch
-
-
-class ShardStream(IterableDataset):
-    """Batches from shards for one rank; each worker takes its own slice.
-
-    `batches_per_epoch` set: an endless training stream, `batches_per_epoch` batches per
-    iteration, continuing where the last epoch stopped (workers must persist).
-    Unset: one pass over every sample, split by sample index across ranks and workers.
-    """
-
-    def __init__(
-        self,
-        shards: list[str],
-        builder: ExampleBuilder,
-        batch_size: int,
-        pad_id: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        shuffle_buffer: int = 0,
-        batches_per_epoch: int | None = None,
-    ) -> None:
-        if not shards:
-            raise ValueError("no shards given")
-        self.shards = shards
-        self.builder = builder
-        self.batch_size = batch_size
-        self.pad_id = pad_id
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.shuffle_buffer = shuffle_buffer
-        self.batches_per_epoch = batches_per_epoch
-        self.skips = SkipCounter()
-        self.expected = read_sizes(shards)  # to count samples a cut tar lost without an error
-        self.report_shard_errors = True
-        self._stream: Iterator[dict] | None = None
-
-    def __len__(self) -> int:
-        if self.batches_per_epoch is None:
-            raise TypeError("an evaluation stream has no known length")
-        return self.batches_per_epoch
-
-    def _slot(self) -> tuple[int, int]:
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        return self.rank * workers + worker, self.world_size * workers
-
-    def _on_shard_error(self, error: Exception) -> bool:
-        if self.report_shard_errors:
-            self.skips.skip("bad_shard", repr(error))
-        return True  # go on with the next member or shard
-
-    def _raw_samples(self, shards: list[str], report_missing: bool = True) -> Iterator[dict]:
-        for url in shards:
-            seen = 0
-            for sample in tarfile_samples(iter([{"url": url}]), handler=self._on_shard_error):
-                seen += 1
-                yield sample
-            # a tar cut at a member boundary ends like a whole one: only its size tells
-            missing = self.expected.get(url, seen) - seen
-            if missing > 0 and report_missing:
-                for _ in range(missing):
-                    self.skips.skip("missing_in_shard", f"{url} holds {seen} of {self.expected[url]} samples")
-
-    def _examples(self, raw_samples: Iterator[dict]) -> Iterator[Example]:
-        for raw in raw_samples:
-            try:
-                record, images = decode_sample(raw)
-                yield from self.builder(record, images)
-            except SampleError as error:
-                self.skips.skip(error.reason, f"{raw.get('__key__')} in {raw.get('__url__')}: {error}")
-
-    def _training_examples(self) -> Iterator[Example]:
-        slot, slots = self._slot()
-        if len(self.shards) < slots:
-            raise ValueError(
-                f"{len(self.shards)} training shards cannot feed {slots} readers (ranks x workers); "
-                "write more, smaller shards or use fewer dataloader workers"
-            )
-        passes = 0
-        while True:
-            produced = 0
-            order = self.shards[:]
-            random.Random(self.seed + passes).shuffle(order)
-            rng = random.Random(f"{self.seed}-{passes}-{slot}")
-            buffer: list[Example] = []
-            for example in self._examples(self._raw_samples(order[slot::slots])):
-                produced += 1
-                if self.shuffle_buffer <= 0:
-                    yield example
-                    continue
-                if len(buffer) < self.shuffle_buffer:
-                    buffer.append(example)
-                    continue
-                index = rng.randrange(len(buffer))
-                yield buffer[index]
-                buffer[index] = example
-            rng.shuffle(buffer)
-            yield from buffer
-            if produced == 0:  # endless retries of unusable shards would hang every rank
-                raise RuntimeError(
-                    f"no usable sample in training shards {order[slot::slots]}; skipped: {dict(self.skips.total)}"
-                )
-            passes += 1
-
-    def _evaluation_examples(self) -> Iterator[Example]:
-        slot, slots = self._slot()
-        self.report_shard_errors = slot == 0  # every slot reads every shard: one reports
-        samples = self._raw_samples(self.shards, report_missing=slot == 0)
-        raw = (sample for i, sample in enumerate(samples) if i % slots == slot)
-        yield from self._examples(raw)
-
-    def _batches(self, examples: Iterator[Example]) -> Iterator[dict]:
-        # a full batch leaves only when the next example exists, so the last batch of a
-        # finite stream also carries the skips counted after it
-        pending: list[Example] = []
-        for example in examples:
-            if len(pending) == self.batch_size:
-                yield self._batch(pending)
-                pending = []
-            pending.append(example)
-        if pending:
-            yield self._batch(pending)
-        elif self.skips.pending():
-            # a reader that built nothing still hands on what it skipped
-            yield {"skipped": self.skips.take(), "empty": True}
-
-    def _batch(self, examples: list[Example]) -> dict:
-        batch = collate(examples, self.pad_id)
-        batch["skipped"] = self.skips.take()
-        return batch
-
-    def __iter__(self) -> Iterator[dict]:
-        if self.batches_per_epoch is None:
-            yield from self._batches(self._evaluation_examples())
-            return
-        if self._stream is None:
-            self._stream = self._batches(self._training_examples())
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        share = self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
-        for _ in range(share):
-            yield next(self._stream)
+    shards: str | list[str]
+    """Paths, brace patterns or URLs of this set's shards."""
+    weight: float = 1.0
+    """Share of training samples drawn from this set (weights are normalised)."""
+    view: str | list[str] | None = None
+    """How this set's samples are read (`conversations`, `caption`, `mc`); None: data.train_view."""
+    resample: bool = False
+    """Draw this set's shards with replacement instead of in shuffled passes."""
+    samples: int | None = None
+    """Samples in this set, for the epoch length; None: from its sizes.json."""
+    name: str = ""
+    """A label for logs and errors."""
 
 
 class LlavaDataModule(LightningDataModule):
@@ -252,6 +75,11 @@ class LlavaDataModule(LightningDataModule):
         samples_per_epoch: int | None = None,
         seed: int = 0,
         blank_images: bool = False,
+        train_mixture: list[MixtureSource] | None = None,
+        resample_shards: bool = False,
+        batching: str = "shuffle",
+        window_batches: int = 8,
+        pack_length: int | None = None,
     ) -> None:
         """
         Args:
@@ -271,10 +99,20 @@ class LlavaDataModule(LightningDataModule):
             batch_size: training samples per step on each rank.
             eval_batch_size: validation and test batch size (default: batch_size).
             num_workers: dataloader worker processes per rank.
-            shuffle_buffer: samples held per worker for shuffling the training stream.
+            shuffle_buffer: raw samples (undecoded) held per worker for shuffling the training stream.
             samples_per_epoch: training samples per epoch over all ranks (default: from sizes.json).
             seed: seeds shard order and sample shuffling.
             blank_images: replace every image by a constant grey one, to check that answers need them.
+            train_mixture: instead of train_shards, several shard sets with weights (and each its own
+                view), e.g. a caption set and an instruction set.
+            resample_shards: draw training shards with replacement (any number of shards feeds any
+                number of readers) instead of shuffled passes that split them.
+            batching: `shuffle` (examples shuffled within a window, then batched), `modality_length`
+                (LLaVA's grouping: image and text-only examples in separate batches of similar
+                lengths) or `pack` (several examples per row, attention kept within each).
+            window_batches: batches formed together from one window of examples (the span of
+                shuffling, grouping and packing).
+            pack_length: tokens per packed row (`batching: pack`); default: max_length.
         """
         super().__init__()
         for view in [eval_view, *([train_view] if isinstance(train_view, str) else train_view)]:
@@ -285,8 +123,22 @@ class LlavaDataModule(LightningDataModule):
             raise ValueError(f"unknown multiple-choice format {mc_format!r}; choose one of {list(MC_FORMATS)}")
         if image_position not in IMAGE_POSITIONS:
             raise ValueError(f"unknown image_position {image_position!r}; choose one of {list(IMAGE_POSITIONS)}")
+        if batching not in BATCHING:
+            raise ValueError(f"unknown batching {batching!r}; choose one of {list(BATCHING)}")
+        if train_shards is not None and train_mixture:
+            raise ValueError("set data.train_shards or data.train_mixture, not both")
+        self.mixture = [m if isinstance(m, MixtureSource) else MixtureSource(**m) for m in train_mixture or []]
+        for source in self.mixture:
+            views = [source.view] if isinstance(source.view, str) else source.view or []
+            for view in views:
+                if view not in VIEWS:
+                    raise ValueError(f"train_mixture {source.name or source.shards}: unknown view {view!r}")
         self.save_hyperparameters()
         self.spec: dict | None = None
+        self.positions: dict[str, dict] = {}  # reader -> position after its last delivered batch
+        self.epoch_used: dict[str, int] = {}  # reader -> batches it delivered in the current epoch
+        self.epoch_seen = -1
+        self.resume: dict = {}
 
     def _builder(self, view: str) -> ExampleBuilder:
         hp = self.hparams
@@ -327,23 +179,104 @@ class LlavaDataModule(LightningDataModule):
             persistent_workers=persistent and workers > 0,
         )
 
+    def _sources(self) -> tuple[list[StreamSource], int]:
+        """The training shard sets, and the examples in one epoch over all of them."""
+        hp = self.hparams
+        if self.mixture:
+            specs = [(m.shards, m.weight, m.view or hp.train_view, m.resample or hp.resample_shards, m.samples,
+                      m.name) for m in self.mixture]  # fmt: skip
+        elif hp.train_shards is not None:
+            specs = [(hp.train_shards, 1.0, hp.train_view, hp.resample_shards, hp.samples_per_epoch, "")]
+        else:
+            raise ValueError("data.train_shards (or data.train_mixture) is not set")
+        sources, examples = [], 0
+        for shards, weight, view, resample, samples, name in specs:
+            urls = expand_shards(shards)
+            count = samples or count_samples(urls)
+            if count is None and not hp.samples_per_epoch:
+                raise ValueError(
+                    f"set data.samples_per_epoch: the training shards {name or shards} have no sizes.json beside them"
+                )
+            sources.append(StreamSource(urls, self._builder(view), weight, resample, name))
+            examples += (count or 0) * (1 if isinstance(view, str) else len(view))  # each view is an example
+        if hp.samples_per_epoch:
+            examples = hp.samples_per_epoch * (1 if isinstance(hp.train_view, str) else len(hp.train_view))
+        return sources, examples
+
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        if hp.train_shards is None:
-            raise ValueError("data.train_shards is not set")
-        shards = expand_shards(hp.train_shards)
         rank, world = self._rank()
-        samples = hp.samples_per_epoch or count_samples(shards)
-        if samples is None:
-            raise ValueError("set data.samples_per_epoch: the training shards have no sizes.json beside them")
-        views = 1 if isinstance(hp.train_view, str) else len(hp.train_view)
-        batches = max(1, samples * views // (hp.batch_size * world))  # each view is an example
+        sources, examples = self._sources()
+        batches = max(1, examples // (hp.batch_size * world))
         stream = ShardStream(
-            shards, self._builder(hp.train_view), hp.batch_size, self._pad_id(),
-            rank=rank, world_size=world, seed=hp.seed, shuffle_buffer=hp.shuffle_buffer,
-            batches_per_epoch=batches,
+            [], None, hp.batch_size, self._pad_id(), rank=rank, world_size=world, seed=hp.seed,
+            shuffle_buffer=hp.shuffle_buffer, batches_per_epoch=batches, sources=sources, batching=hp.batching,
+            window_batches=hp.window_batches, pack_length=hp.pack_length or hp.max_length,
+            resume=self._resume_for(rank, batches),
         )  # fmt: skip
         return self._loader(stream, persistent=True)
+
+    # ---- the training stream's position in checkpoints --------------------------------
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        stream = batch.pop("stream", None) if isinstance(batch, dict) else None
+        if stream is not None and self.trainer is not None and self.trainer.training:
+            slot = str(stream["slot"])
+            if stream["epoch"] != self.epoch_seen:  # a reader's first batch of a new epoch
+                self.epoch_seen = stream["epoch"]
+                self.epoch_used = {}
+            self.positions[slot] = stream["position"]
+            self.epoch_used[slot] = stream["index"] + 1
+            self.readers = stream["slots"]
+        return batch
+
+    def state_dict(self) -> dict:
+        """Every rank's readers (gathered: only rank 0 writes the checkpoint)."""
+        mine = {"positions": self.positions, "epoch_used": self.epoch_used}
+        if dist.is_available() and dist.is_initialized():
+            gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
+            dist.all_gather_object(gathered, mine)
+        else:
+            gathered = [mine]
+        state = {"version": STATE_VERSION, "fingerprint": self._fingerprint(), "readers": getattr(self, "readers", 0)}
+        state["positions"] = {k: v for part in gathered for k, v in part["positions"].items()}
+        state["epoch_used"] = {k: v for part in gathered for k, v in part["epoch_used"].items()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION or state.get("fingerprint") != self._fingerprint():
+            rank_zero_warn(
+                "the checkpoint's data stream was made with other data settings (shards, seed, batching, "
+                "batch size or views): the training stream starts afresh instead of where it stopped"
+            )
+            return
+        self.resume = state
+
+    def _resume_for(self, rank: int, batches_per_epoch: int) -> dict:
+        state, self.resume = self.resume, {}
+        if not state or not state.get("positions"):
+            return {}
+        workers = max(1, self.hparams.num_workers)
+        readers = self._rank()[1] * workers
+        if state["readers"] != readers:
+            rank_zero_warn(
+                f"the checkpoint's data stream had {state['readers']} readers (ranks x workers), this run has "
+                f"{readers}: the training stream starts afresh instead of where it stopped"
+            )
+            return {}
+        mine = {str(rank * workers + w) for w in range(workers)}
+        resume = {k: v for k, v in state["positions"].items() if k in mine}
+        used = {k: v for k, v in state["epoch_used"].items() if k in mine}
+        if sum(state["epoch_used"].values()) < batches_per_epoch:  # stopped mid-epoch: finish it
+            resume["epoch_used"] = used
+        rank_zero_info(f"data stream resumes {len(state['positions'])} readers where the checkpoint left them")
+        return resume
+
+    def _fingerprint(self) -> str:
+        """What decides the stream's content: resuming under other settings would be a lie."""
+        hp = self.hparams
+        keys = ("train_shards", "train_view", "seed", "batch_size", "batching", "window_batches", "pack_length",
+                "shuffle_buffer", "resample_shards", "max_length", "template", "mc_format")  # fmt: skip
+        return repr([hp.get(k) for k in keys] + [repr(m) for m in self.mixture])
 
     def _eval_loader(self, spec: str | list[str] | None, name: str) -> DataLoader:
         if spec is None:

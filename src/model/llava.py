@@ -8,6 +8,7 @@ splicing is one masked scatter, and a batch may mix samples with and without ima
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,12 +17,48 @@ from torch import nn
 from src.data.conversation import IGNORE_INDEX
 from src.model.language import lm_logits
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
 
 @dataclass
 class LlavaOutput:
     loss: torch.Tensor | None
     hidden_states: torch.Tensor  # (batch, length, hidden), the decoder's last layer
     supervised_tokens: int
+
+
+def uses_flash_attention(config: PretrainedConfig) -> bool:
+    """Any flash-attention backend (flash_attention_2/3/4, hub kernels): transformers' own rule."""
+    return "flash" in (getattr(config, "_attn_implementation", None) or "")
+
+
+def flatten_packed(
+    embeddings: torch.Tensor, position_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor | int]]:
+    """Packed rows (R, L, H) as one row (1, R*L, H), plus flash attention's varlen kwargs.
+
+    Every example (and every padding tail) starts where its positions restart at 0, so the
+    cumulative lengths are the flat indices of the zeros. transformers would infer the same
+    from the flat `position_ids` (batch size 1 only), but re-checks them in every layer
+    with a device sync; passing `cu_seq_lens_q/k` and `max_length_q/k` syncs once.
+    Reshaping the decoder's output with `.view(R, L, -1)` undoes the flattening.
+    """
+    rows, length = position_ids.shape
+    if bool((position_ids[:, 0] != 0).any()):
+        raise ValueError("packed rows must start an example at position 0 in every row")
+    flat_positions = position_ids.reshape(1, rows * length)
+    starts = (flat_positions[0] == 0).nonzero().flatten()
+    total = torch.tensor([rows * length], device=starts.device)
+    cu_seq_lens = torch.cat([starts, total]).to(torch.int32)
+    longest = int(cu_seq_lens.diff().max())
+    varlen = {
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
+    return embeddings.reshape(1, rows * length, embeddings.shape[-1]), flat_positions, varlen
 
 
 class LlavaModel(nn.Module):
@@ -53,7 +90,7 @@ class LlavaModel(nn.Module):
         if pixel_values is None or pixel_values.shape[0] == 0:
             if n_slots:
                 raise ValueError(f"{n_slots} image placeholder tokens but no images in the batch")
-            return embeddings
+            return embeddings + self._touch_image_path() if torch.is_grad_enabled() else embeddings
         features = self.encode_images(pixel_values.to(embeddings.dtype))
         if features.shape[0] * features.shape[1] != n_slots:
             raise ValueError(
@@ -63,16 +100,43 @@ class LlavaModel(nn.Module):
         # row-major order of the slots = sample order, then image order within a sample
         return embeddings.masked_scatter(slots.unsqueeze(-1), features.to(embeddings.dtype))
 
+    def _touch_image_path(self) -> torch.Tensor | float:
+        """A zero that depends on every trainable parameter of the tower and projector.
+
+        A text-only batch never runs them, and DDP (or FSDP) then waits forever for their
+        gradients, or fails on the next step; LLaVA feeds a dummy image for the same reason.
+        Touching one element of each parameter costs nothing and gives them zero gradients.
+        """
+        touched = [
+            p.view(-1)[0] for part in (self.vision, self.projector) for p in part.parameters() if p.requires_grad
+        ]
+        return torch.stack(touched).sum() * 0.0 if touched else 0.0
+
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> LlavaOutput:
+        """`position_ids` without an `attention_mask` is a packed batch (`src.data.batching`).
+
+        sdpa, eager and flex attention build a causal mask per example from the restarting
+        positions themselves; flash attention infers examples from positions only for a
+        single row, so for it the rows are run as one row, with the examples' boundaries
+        handed over (`flatten_packed`).
+        """
         embeddings = self.embed(input_ids, pixel_values)
         decoder = self.llm.get_decoder()
-        hidden = decoder(inputs_embeds=embeddings, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        if position_ids is not None and attention_mask is None and uses_flash_attention(decoder.config):
+            flat, flat_positions, varlen = flatten_packed(embeddings, position_ids)
+            hidden = decoder(inputs_embeds=flat, position_ids=flat_positions, use_cache=False, **varlen)
+            hidden = hidden.last_hidden_state.view(embeddings.shape[0], embeddings.shape[1], -1)
+        else:
+            hidden = decoder(
+                inputs_embeds=embeddings, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
         if labels is None:
             return LlavaOutput(None, hidden, 0)
         loss, count = self.supervised_loss(hidden, labels)

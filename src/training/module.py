@@ -184,7 +184,14 @@ class LlavaLitModule(LightningModule):
 
     # ---- steps ----------------------------------------------------------------------
     def forward(self, batch: dict):
-        return self.model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("labels"))
+        """A padded batch has an `attention_mask`; a packed one (`collate_packed`) has `position_ids` and none."""
+        return self.model(
+            batch["input_ids"],
+            batch.get("attention_mask"),
+            batch.get("pixel_values"),
+            batch.get("labels"),
+            position_ids=batch.get("position_ids"),
+        )
 
     def _count_skips(self, batch: dict, stage: str) -> None:
         skipped = batch.pop("skipped", None) or {}

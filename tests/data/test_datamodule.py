@@ -280,7 +280,8 @@ def test_training_passes_cover_each_rank_shards(make_builder, shards, keys_by_pi
     """Ranks read disjoint whole shards; each pass over a rank's shards sees every sample once."""
     passes = []
     for rank in (0, 1):
-        stream = training_stream(make_builder, shards, rank=rank, world_size=2, batches_per_epoch=5)
+        # a window of 5 batches of 4 is one pass over the rank's 2 shards of 10 samples
+        stream = training_stream(make_builder, shards, rank=rank, world_size=2, batches_per_epoch=5, window_batches=5)
         epochs = [[k for b in stream for k in row_keys(b, keys_by_pixels)] for _ in range(3)]
         assert all(len(keys) == len(set(keys)) == 20 for keys in epochs)  # 2 shards x 10 samples
         passes.append(epochs)
@@ -295,22 +296,30 @@ def test_training_passes_cover_each_rank_shards(make_builder, shards, keys_by_pi
         assert set(passes[0][epoch]) | set(passes[1][epoch]) == {f"scene0_{i:06d}" for i in range(40)}
 
 
+def raw_order(make_builder, shards, keys_by_pixels, **options) -> list[str]:
+    """Keys in stream order: batches of one example, windows of one batch, so nothing reorders."""
+    options = dict(batch_size=1, batches_per_epoch=40, window_batches=1) | options
+    return [k for b in training_stream(make_builder, shards, **options) for k in row_keys(b, keys_by_pixels)]
+
+
 @pytest.mark.parametrize("shuffle_buffer", [0, -1])
 def test_training_without_a_shuffle_buffer_reads_in_shard_order(make_builder, shards, keys_by_pixels, shuffle_buffer):
-    stream = training_stream(make_builder, shards, shuffle_buffer=shuffle_buffer, batches_per_epoch=10)
+    stream = training_stream(
+        make_builder, shards, shuffle_buffer=shuffle_buffer, batch_size=1, batches_per_epoch=40, window_batches=1
+    )
     keys = [k for b in stream for k in row_keys(b, keys_by_pixels)]
     assert sorted(keys) == [f"scene0_{i:06d}" for i in range(40)]
     starts = [int(k[-6:]) for k in keys[::10]]  # whole shards, each in file order
     assert keys == [f"scene0_{start + i:06d}" for start in starts for i in range(10)]
-    # the shard order is the seeded shuffle of pass 0
+    # the shard order is the seeded shuffle of pass 0 (source 0, seed 0)
     order = shards["train"][:]
-    random.Random(0).shuffle(order)
+    random.Random("0-0-0").shuffle(order)
     assert [f"scene0_{start:06d}" for start in starts] == [read_first_key(path) for path in order]
-    # the next epoch goes on with the next pass, in the same way
+    # the next epoch goes on with the next pass, in the same way, in another order
     more = [k for b in stream for k in row_keys(b, keys_by_pixels)]
     order = shards["train"][:]
-    random.Random(1).shuffle(order)
-    assert more[::10] == [read_first_key(path) for path in order]
+    random.Random("0-0-1").shuffle(order)
+    assert more[::10] == [read_first_key(path) for path in order] != keys[::10]
 
 
 def read_first_key(path: str) -> str:
@@ -319,11 +328,21 @@ def read_first_key(path: str) -> str:
 
 
 def test_the_shuffle_buffer_shuffles_within_a_pass(make_builder, shards, keys_by_pixels):
-    stream = training_stream(make_builder, shards, shuffle_buffer=5, batches_per_epoch=10)
-    keys = [k for b in stream for k in row_keys(b, keys_by_pixels)]
+    keys = raw_order(make_builder, shards, keys_by_pixels, shuffle_buffer=5)
     assert sorted(keys) == [f"scene0_{i:06d}" for i in range(40)]  # one pass, every sample once
-    in_order = training_stream(make_builder, shards, shuffle_buffer=0, batches_per_epoch=10)
-    assert keys != [k for b in in_order for k in row_keys(b, keys_by_pixels)]
+    assert keys != raw_order(make_builder, shards, keys_by_pixels, shuffle_buffer=0)
+
+
+def test_a_window_shuffles_examples_and_batches_them_whole(make_builder, shards, keys_by_pixels):
+    """Window of 2 batches of 4: its 8 examples are the next 8 of the raw stream, reordered."""
+    raw = raw_order(make_builder, shards, keys_by_pixels, batches_per_epoch=16)
+    stream = training_stream(make_builder, shards, batch_size=4, batches_per_epoch=4, window_batches=2)
+    batches = [row_keys(b, keys_by_pixels) for b in stream]
+    assert all(len(b) == 4 for b in batches)
+    for w in range(2):
+        window = batches[2 * w] + batches[2 * w + 1]
+        assert sorted(window) == sorted(raw[8 * w : 8 * w + 8])
+    assert [k for b in batches for k in b] != raw[:16]
 
 
 def test_too_few_shards_for_the_readers(make_builder, shards):
@@ -334,7 +353,7 @@ def test_too_few_shards_for_the_readers(make_builder, shards):
         next(iter(stream))
     assert str(info.value) == (
         "1 training shards cannot feed 2 readers (ranks x workers); "
-        "write more, smaller shards or use fewer dataloader workers"
+        "write more, smaller shards, use fewer dataloader workers, or resample shards"
     )
 
 
@@ -533,13 +552,15 @@ def read_members(path: Path) -> list[tuple[str, dict[str, bytes]]]:
 
 def test_training_batches_carry_the_skips(broken_shards, make_builder):
     stream = ShardStream(
-        [str(broken_shards.bad)], make_builder("conversations"), batch_size=1, pad_id=0, batches_per_epoch=3
-    )
+        [str(broken_shards.bad)], make_builder("conversations"), batch_size=1, pad_id=0, batches_per_epoch=3,
+        window_batches=1,
+    )  # fmt: skip
     batches = list(stream)
     assert len(batches) == 3
-    # pass 1: 'good', then four skips before 'good' of pass 2 lets the first batch leave
-    assert batches[0]["skipped"] == {"bad_image": 1, "bad_json": 1, "empty_conversation": 1, "image_tag_mismatch": 1}
-    assert batches[1]["skipped"] == batches[0]["skipped"]
+    # each pass: 'good' (one batch), then four broken samples, counted with the next batch
+    assert batches[0]["skipped"] == {}
+    assert batches[1]["skipped"] == {"bad_image": 1, "bad_json": 1, "empty_conversation": 1, "image_tag_mismatch": 1}
+    assert batches[2]["skipped"] == batches[1]["skipped"]
 
 
 def test_a_reader_with_no_usable_sample_still_reports_its_skips(broken_shards, make_builder):
@@ -595,20 +616,24 @@ def test_datamodule_loaders(demo_dir, tokenizer, image_transform, keys_by_pixels
 def test_datamodule_reads_a_list_of_training_views(demo_dir, tokenizer, image_transform, keys_by_pixels):
     dm = LlavaDataModule(
         train_shards=f"{demo_dir}/train-000000.tar", train_view=["conversations", "caption"], batch_size=4,
-        num_workers=0, shuffle_buffer=0, samples_per_epoch=20, system_prompt="",
+        num_workers=0, shuffle_buffer=0, samples_per_epoch=20, system_prompt="", window_batches=1,
     )  # fmt: skip
     dm.trainer = fake_trainer(tokenizer, image_transform)
     train = dm.train_dataloader()
     assert train.dataset.builder.views == ["conversations", "caption"]
     batches = list(train)
     assert len(batches) == 10  # 20 samples read two ways are 40 examples: 10 batches of 4
-    keys = [k for b in batches[:5] for k in row_keys(b, keys_by_pixels)]
-    assert keys == [f"scene0_{i:06d}" for i in range(10) for _ in range(2)]  # each sample read both ways
-    caption_rows = [b["labels"][r] for b in batches[:5] for r in range(1, b["labels"].shape[0], 2)]
-    captions = [json.loads(m["json"])["caption"] for _, m in read_members(demo_dir / "train-000000.tar")]
-    for labels, text in zip(caption_rows, captions, strict=True):
-        expected = tokenizer(" " + text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        assert labels[labels != IGNORE_INDEX].tolist() == expected
+    captions = {k: json.loads(m["json"])["caption"] for k, m in read_members(demo_dir / "train-000000.tar")}
+    seen: dict[str, list[str]] = {}
+    for b in batches[:5]:  # windows of one batch: samples 0-1, 2-3, ... each read both ways
+        for row, key in enumerate(row_keys(b, keys_by_pixels)):
+            labels = b["labels"][row]
+            expected = tokenizer(" " + captions[key], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            seen.setdefault(key, []).append(
+                "caption" if labels[labels != IGNORE_INDEX].tolist() == expected else "chat"
+            )
+    assert sorted(seen) == [f"scene0_{i:06d}" for i in range(10)]
+    assert all(sorted(ways) == ["caption", "chat"] for ways in seen.values())
 
 
 def test_default_epoch_with_two_views_covers_every_sample_once(demo_dir, tokenizer, image_transform, keys_by_pixels):

@@ -8,9 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from src.data.batching import collate_packed
 from src.data.conversation import IGNORE_INDEX
-from src.model.language import LLMConfig, build_llm, padded_vocab
-from src.model.llava import LlavaModel
+from src.data.datamodule import collate
+from src.data.samples import Example
+from src.model.language import LLMConfig, build_llm, lm_logits, padded_vocab
+from src.model.llava import LlavaModel, flatten_packed, uses_flash_attention
 from src.model.projector import ProjectorConfig, build_projector
 from src.model.vision import TimmVisionTower, VisionConfig
 
@@ -22,8 +25,8 @@ VOCAB = 40
 T = 4  # tokens per image: a 32 px image with 16 px patches
 
 
-@pytest.fixture(scope="module")
-def model() -> LlavaModel:
+def build_model(attn_implementation: str = "sdpa") -> LlavaModel:
+    """The tiny LLaVA; the same weights for every backend (same seed)."""
     torch.manual_seed(0)
     vision = TimmVisionTower(
         VisionConfig(
@@ -37,11 +40,16 @@ def model() -> LlavaModel:
         LLMConfig(
             config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64),
-            attn_implementation="sdpa",
+            attn_implementation=attn_implementation,
         ),
         vocab_size=VOCAB,
     )  # fmt: skip
     return LlavaModel(vision, projector, llm, image_token_id=IMG).eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> LlavaModel:
+    return build_model("sdpa")
 
 
 def padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,3 +329,179 @@ def test_single_token_candidates_are_the_next_token_distribution(model, batch):
     for row in range(3):
         if greedy[row][0] != IMG:  # the greedy token is the best-scored candidate
             assert tokens[int(scores[row].argmax())] == greedy[row][0]
+
+
+# ---- packed (padding-free) batches -------------------------------------------------------
+
+
+def packed_example(length: int, images: int, seed: int, supervised_from: int | None = None) -> Example:
+    """`images` images of T placeholders after a BOS and a word each; supervised from the middle on."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(IMG + 1, VOCAB, (length,), generator=g)
+    ids[0] = 1
+    for k in range(images):
+        ids[2 + k * (T + 1) : 2 + k * (T + 1) + T] = IMG
+    labels = ids.clone()
+    labels[: length // 2 if supervised_from is None else supervised_from] = IGNORE_INDEX
+    labels[ids == IMG] = IGNORE_INDEX
+    pixels = torch.randn(images, 3, 32, 32, generator=g) if images else None
+    return Example(ids, labels, pixels)
+
+
+# image and text-only examples mixed, several per row, and a short last row with a padding tail;
+# the middle text example is supervised from its first token, which packing must not let its
+# neighbour predict
+PACKED_ROWS = [
+    [packed_example(14, 2, 1), packed_example(7, 0, 2)],
+    [packed_example(9, 1, 3), packed_example(5, 0, 4, supervised_from=0), packed_example(11, 1, 5)],
+    [packed_example(6, 0, 6)],
+]
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def backend_model(request) -> LlavaModel:
+    return build_model(request.param)
+
+
+def test_packed_loss_equals_padded_loss(backend_model):
+    packed = collate_packed(PACKED_ROWS, PAD)
+    padded_batch = collate([e for row in PACKED_ROWS for e in row], PAD)
+    assert packed["attention_mask"] is None and packed["input_ids"].shape == (3, 25)
+    with torch.no_grad():
+        got = backend_model(
+            packed["input_ids"], None, packed["pixel_values"], packed["labels"], position_ids=packed["position_ids"]
+        )
+        expected = backend_model(
+            padded_batch["input_ids"],
+            padded_batch["attention_mask"],
+            padded_batch["pixel_values"],
+            padded_batch["labels"],
+        )
+    assert got.supervised_tokens == expected.supervised_tokens == 22
+    assert abs(got.loss.item() - expected.loss.item()) < 1e-5
+
+
+def test_packed_logits_equal_each_example_alone(backend_model):
+    packed = collate_packed(PACKED_ROWS, PAD)
+    with torch.no_grad():
+        hidden = backend_model(
+            packed["input_ids"], None, packed["pixel_values"], position_ids=packed["position_ids"]
+        ).hidden_states
+        for r, row in enumerate(PACKED_ROWS):
+            start = 0
+            for example in row:
+                n = len(example.input_ids)
+                alone = backend_model(example.input_ids[None], None, example.pixel_values).hidden_states[0]
+                torch.testing.assert_close(
+                    lm_logits(backend_model.llm, hidden[r, start : start + n]),
+                    lm_logits(backend_model.llm, alone),
+                    atol=1e-5,
+                    rtol=0,
+                )
+                start += n
+
+
+def test_without_position_ids_packed_examples_would_see_each_other(model):
+    """The check above has teeth: with one causal mask per row, the second example's logits change."""
+    packed = collate_packed(PACKED_ROWS, PAD)
+    first, second = PACKED_ROWS[0]
+    with torch.no_grad():
+        hidden = model(packed["input_ids"], None, packed["pixel_values"]).hidden_states
+        alone = model(second.input_ids[None], None, second.pixel_values).hidden_states[0]
+    n = len(first.input_ids)
+    assert (hidden[0, n : n + len(second.input_ids)] - alone).abs().max() > 1e-2
+
+
+def test_flatten_packed_round_trips_and_gives_flash_varlen_boundaries():
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    packed = collate_packed(PACKED_ROWS, PAD)
+    positions = packed["position_ids"]
+    embeddings = torch.randn(3, 25, 8)
+    flat, flat_positions, varlen = flatten_packed(embeddings, positions)
+    assert flat.shape == (1, 75, 8) and flat_positions.shape == (1, 75)
+    assert torch.equal(flat.view(3, 25, -1), embeddings) and torch.equal(flat_positions.view(3, 25), positions)
+    # examples 14, 7 | 9, 5, 11 | 6 and a tail of 19, one after another in the flat row
+    expected = torch.tensor([0, 14, 21, 25, 34, 39, 50, 56, 75], dtype=torch.int32)
+    assert torch.equal(varlen["cu_seq_lens_q"], expected) and torch.equal(varlen["cu_seq_lens_k"], expected)
+    assert varlen["max_length_q"] == varlen["max_length_k"] == 19
+    # what transformers itself infers from the flat positions (its batch-size-1 varlen path)
+    (reference, _), (longest, _) = prepare_fa_kwargs_from_position_ids(flat_positions)
+    assert torch.equal(reference, expected) and int(longest) == 19
+    with pytest.raises(ValueError, match="packed rows must start an example at position 0 in every row"):
+        flatten_packed(embeddings, positions + 1)
+
+
+def reference_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Flash attention's varlen contract in plain PyTorch: causal attention within each cu_seq_lens segment.
+
+    flash-attn needs CUDA; this stands in for its kernel so the flattening around it runs on a CPU.
+    """
+    calls.append({"batch": query.shape[0], **{k: kwargs.get(k) for k in ("cu_seq_lens_q", "max_length_q")}})
+    assert attention_mask is None and query.shape[0] == 1
+    bounds = kwargs["cu_seq_lens_q"].tolist()
+    out = torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling
+            )
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        ],
+        dim=2,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+calls: list[dict] = []
+
+
+def test_flash_path_flattens_rows_and_matches_padded_loss(monkeypatch):
+    """The flash path end to end, with a CPU stand-in for the kernel: one flat row, boundaries passed in."""
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    name = "flash_reference_cpu"  # 'flash' in the name: transformers (and LlavaModel) treat it as flash attention
+    monkeypatch.setitem(AttentionInterface._global_mapping, name, reference_varlen_attention)
+    monkeypatch.setitem(AttentionMaskInterface._global_mapping, name, flash_attention_mask)
+    flash_model = build_model("sdpa")
+    flash_model.llm.config._attn_implementation = name
+    assert uses_flash_attention(flash_model.llm.get_decoder().config)
+    packed = collate_packed(PACKED_ROWS, PAD)
+    padded_batch = collate([e for row in PACKED_ROWS for e in row], PAD)
+    calls.clear()
+    with torch.no_grad():
+        got = flash_model(
+            packed["input_ids"], None, packed["pixel_values"], packed["labels"], position_ids=packed["position_ids"]
+        )
+    assert len(calls) == 2  # one per layer, each on the flat row with the boundaries
+    assert all(c["batch"] == 1 and c["max_length_q"] == 19 for c in calls)
+    assert calls[0]["cu_seq_lens_q"].tolist() == [0, 14, 21, 25, 34, 39, 50, 56, 75]
+    with torch.no_grad():
+        expected = build_model("sdpa")(
+            padded_batch["input_ids"],
+            padded_batch["attention_mask"],
+            padded_batch["pixel_values"],
+            padded_batch["labels"],
+        )
+    assert abs(got.loss.item() - expected.loss.item()) < 1e-5
+    assert got.hidden_states.shape == (3, 25, 32)
+
+
+def test_a_text_only_batch_still_gives_every_trainable_image_parameter_a_gradient(model):
+    """DDP needs a gradient for every trainable parameter on every step, even without images."""
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.train()
+    model.vision.requires_grad_(True)
+    ids = torch.tensor([[6, 7, 8, 9, 10]])
+    assert IMG not in ids
+    out = model(ids, torch.ones_like(ids), None, ids.clone())
+    out.loss.backward()
+    for part in (model.vision, model.projector):
+        grads = [p.grad for p in part.parameters() if p.requires_grad]
+        assert grads and all(g is not None and not g.any() for g in grads)  # present, and zero
+    with torch.no_grad():  # the text logits are untouched by it
+        assert torch.equal(model.embed(ids, None), model.llm.get_input_embeddings()(ids))
+    model.zero_grad(set_to_none=True)
+    for name, p in model.named_parameters():
+        p.requires_grad_(before[name])
+    model.eval()

@@ -95,6 +95,7 @@ def test_a_corrupt_sample_is_skipped_counted_and_logged_while_training_goes_on(t
         "fit", "--config", CONFIG, f"--trainer.default_root_dir={root}", "--trainer.max_steps=3",
         "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0", "--data.num_workers=0",
         f"--data.train_shards={bad}", "--data.batch_size=4", "--data.shuffle_buffer=0",
+        "--data.window_batches=1",
     ])  # fmt: skip
     assert list(root.rglob("last.ckpt"))
     (events,) = root.rglob("events.out.tfevents.*")
@@ -226,3 +227,52 @@ def test_images_of_any_shape_train_end_to_end_through_the_data_spec(mode, views)
     assert torch.isfinite(out.loss)
     grads = [p.grad for p in module.model.vision.wrap_modules()[0].parameters()]
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_a_packed_batch_trains_a_step():
+    """collate_packed's batch (position_ids, no attention mask, seq_lens) through Lightning's fit loop."""
+    from lightning.pytorch import Callback, Trainer
+    from torch.utils.data import DataLoader
+
+    from src.data.batching import collate_packed
+    from src.data.conversation import IGNORE_INDEX
+    from src.data.samples import Example
+
+    module = LlavaLitModule(TOKENIZER, freeze=FreezeConfig(vision="full", projector="full", llm="full"), **TINY)
+    spec = module.data_spec()
+    tokens = spec["image_tokens"]
+    generator = torch.Generator().manual_seed(0)
+
+    def example(length: int, images: int) -> Example:
+        ids = torch.randint(10, 30, (length,), generator=generator)
+        ids[1 : 1 + images * tokens] = module.image_token_id
+        labels = torch.where(torch.arange(length) >= length - 3, ids, IGNORE_INDEX)
+        pixels = torch.randn(images, 3, 64, 64, generator=generator) if images else None
+        return Example(ids, labels, pixels)
+
+    batch = collate_packed([[example(9, 1), example(6, 0)], [example(8, 1)]], spec["tokenizer"].pad_token_id)
+    before = {name: p.detach().clone() for name, p in module.model.named_parameters()}
+
+    class Record(Callback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+            self.grads: dict[str, float] = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]))
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            for part in ("vision", "projector", "llm"):
+                grads = [p.grad for p in getattr(pl_module.model, part).parameters() if p.grad is not None]
+                self.grads[part] = float(sum(g.abs().sum() for g in grads))
+
+    record = Record()
+    trainer = Trainer(
+        accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[record],
+    )  # fmt: skip
+    trainer.fit(module, DataLoader([batch], batch_size=None, collate_fn=lambda b: b))
+    assert len(record.losses) == 1 and math.isfinite(record.losses[0]) and record.losses[0] > 0
+    assert all(math.isfinite(g) and g > 0 for g in record.grads.values()) and len(record.grads) == 3
+    changed = {name.split(".")[0] for name, p in module.model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == {"vision", "projector", "llm"}
