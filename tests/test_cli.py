@@ -114,10 +114,27 @@ def test_print_config_shows_the_resolved_config(capsys: pytest.CaptureFixture[st
         ["--model.projector.name=resampler", "--model.projector.kwargs={num_queries: 3, layers: 1, heads: 4}"],
         ["--model.freeze.llm=lora", "--model.llm.lora.r=4", "--model.llm.lora.alpha=8"],
         ["--model.vision.image_mode=anyres", "--model.vision.anyres_grids=[[128, 64], [64, 128]]"],
+        ["--data.batching=pack", "--data.pack_length=64"],
+        ["--data.batching=modality_length", "--data.resample_shards=true"],
     ],
-    ids=["pixel_shuffle", "c_abstractor", "resampler", "lora", "anyres"],
+    ids=["pixel_shuffle", "c_abstractor", "resampler", "lora", "anyres", "pack", "modality_length"],
 )
 def test_zoo_parts_swap_in_from_the_command_line_and_train(tmp_path: Path, overrides: list[str]) -> None:
     main(["fit", "--config", CONFIG, *overrides, f"--trainer.default_root_dir={tmp_path}", *FAST])
+    losses = _scalars(tmp_path)["train/loss"]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+
+
+def test_a_weighted_mixture_from_yaml_trains(tmp_path: Path) -> None:
+    demo = ROOT / "data_shards/demo"
+    mixture = tmp_path / "mixture.yaml"
+    mixture.write_text(
+        "data:\n"
+        "  train_shards: null\n"
+        "  train_mixture:\n"
+        f"    - {{shards: '{demo}/train-{{000000..000002}}.tar', weight: 3, view: mc, name: questions}}\n"
+        f"    - {{shards: 'pipe:cat {demo}/train-000003.tar', weight: 1, view: caption, samples: 400, name: captions}}\n"
+    )
+    main(["fit", "--config", CONFIG, "--config", str(mixture), f"--trainer.default_root_dir={tmp_path}", *FAST])
     losses = _scalars(tmp_path)["train/loss"]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
