@@ -7,9 +7,8 @@ need it.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from lightning.pytorch import LightningModule
@@ -24,36 +23,16 @@ from src.model.lora import apply_lora
 from src.model.projector import ProjectorConfig, build_projector
 from src.model.vision import VisionConfig, build_vision_tower
 from src.model.weights import load_parts, read_state
-
-PARTS = ("vision", "projector", "llm")
-PART_MODES = {"vision": ("frozen", "full"), "projector": ("frozen", "full"), "llm": ("frozen", "full", "lora")}
-
-
-@dataclass
-class FreezeConfig:
-    """What trains, per part. LLaVA stage 1 trains only the projector."""
-
-    vision: str = "frozen"
-    """`frozen` or `full` (trained)."""
-    projector: str = "full"
-    """`frozen` or `full` (trained)."""
-    llm: str = "frozen"
-    """`frozen`, `full`, or `lora`: a trained adapter (`llm.lora`) on a frozen base."""
-
-
-@dataclass
-class OptimizerConfig:
-    lr: float = 2e-5
-    """Peak learning rate (AdamW)."""
-    weight_decay: float = 0.0
-    """Applied to matrices only, never to biases, norms or embeddings' 1-D parameters."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_ratio: float = 0.03
-    """Fraction of all steps spent warming up linearly from 0."""
-    warmup_steps: int | None = None
-    """Warm-up steps; overrides warmup_ratio when set."""
-    min_lr_ratio: float = 0.0
-    """The cosine decays to lr * min_lr_ratio at the last step."""
+from src.training.stage import (  # noqa: F401  (FreezeConfig, OptimizerConfig, warmup_cosine: the stage API)
+    PARTS,
+    FreezeConfig,
+    OptimizerConfig,
+    apply_freeze,
+    check_stage,
+    kept_in_checkpoint,
+    parameter_groups,
+    warmup_cosine,
+)
 
 
 def _as_config(cls: type, value: object):
@@ -67,12 +46,12 @@ def _as_config(cls: type, value: object):
     raise TypeError(f"expected {cls.__name__} or a dict, got {type(value).__name__}")
 
 
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Multiplier of the peak learning rate at `step`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+def _pretrained_tower(config: VisionConfig) -> bool:
+    if config.type == "fused":
+        return all(_pretrained_tower(_as_config(VisionConfig, tower)) for tower in config.towers)
+    if config.type == "hf":
+        return config.name is not None and config.pretrained is not False
+    return bool(config.pretrained)
 
 
 class LlavaLitModule(LightningModule):
@@ -110,10 +89,7 @@ class LlavaLitModule(LightningModule):
         # checkpoints keep plain dicts, as the CLI writes them, so they load with torch's weights_only default
         for key in ("vision", "projector", "llm", "freeze", "optimizer"):
             self.hparams[key] = asdict(getattr(self, f"{key}_config"))
-        for part in PARTS:
-            mode = getattr(self.freeze_config, part)
-            if mode not in PART_MODES[part]:
-                raise ValueError(f"freeze.{part}: unknown mode {mode!r}; choose one of {list(PART_MODES[part])}")
+        check_stage(self.freeze_config, self.optimizer_config)
         if self.llm_config.quantization != "none" and self.freeze_config.llm == "full":
             raise ValueError("a quantised LLM cannot train in full: use freeze.llm lora (QLoRA) or frozen")
         check_quantization(self.llm_config)  # before any data or weights load
@@ -122,6 +98,7 @@ class LlavaLitModule(LightningModule):
         self.tokenizer = prepare_tokenizer(loaded)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TAG)
         self.model: LlavaModel | None = None
+        self.init_parts: set[str] = set()  # parts init_from loaded
         self.val_mc = MultipleChoiceAccuracy()
         self.test_mc = MultipleChoiceAccuracy()
         self.skipped: Counter[str] = Counter()
@@ -142,18 +119,15 @@ class LlavaLitModule(LightningModule):
         self.model = LlavaModel(vision, projector, llm, self.image_token_id)
         if self.hparams.init_from:  # before LoRA wraps the LLM, so the keys are the plain model's
             parts = load_parts(self.model, read_state(self.hparams.init_from))
+            self.init_parts = set(parts)
             rank_zero_info(f"init_from {self.hparams.init_from}: loaded {', '.join(parts) or 'nothing'}")
         if self.freeze_config.llm == "lora":
             self.model.llm = apply_lora(self.model.llm, self.llm_config.lora)
         self.apply_freeze()
 
     def apply_freeze(self) -> None:
-        """`full` and `frozen` set a whole part; under `lora` peft already froze all but the adapter."""
         assert self.model is not None
-        for part in PARTS:
-            mode = getattr(self.freeze_config, part)
-            if mode != "lora":
-                getattr(self.model, part).requires_grad_(mode == "full")
+        apply_freeze(self.model, self.freeze_config)
         counts = self.parameter_counts()
         lines = [
             f"  {part:<10} {getattr(self.freeze_config, part):<7} {counts[part][0]:>14,d} trainable "
@@ -171,6 +145,38 @@ class LlavaLitModule(LightningModule):
             params = list(getattr(self.model, part).parameters())
             counts[part] = (sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
         return counts
+
+    # ---- checkpoints hold what the config cannot rebuild -----------------------------
+    def rebuildable_parts(self) -> set[str]:
+        """Parts whose weights the config reproduces exactly: hub / pretrained weights or init_from."""
+        parts = set(self.init_parts)
+        if self.llm_config.name is not None:
+            parts.add("llm")
+        if _pretrained_tower(self.vision_config):
+            parts.add("vision")
+        return parts
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        rebuildable = self.rebuildable_parts()
+        if not rebuildable or "state_dict" not in checkpoint:
+            return
+        keep = {f"model.{key}" for key in kept_in_checkpoint(self.model, rebuildable)}
+        state = checkpoint["state_dict"]
+        dropped = [key for key in state if key.startswith("model.") and key not in keep]
+        for key in dropped:
+            del state[key]
+        checkpoint["rebuilt_parts"] = sorted(rebuildable)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Puts back the rebuilt parts' weights, as this run built them, so loading stays strict."""
+        rebuilt = checkpoint.get("rebuilt_parts")
+        if not rebuilt or "state_dict" not in checkpoint:
+            return
+        self.configure_model()
+        state = checkpoint["state_dict"]
+        for key, value in self.model.state_dict().items():
+            if key.split(".", 1)[0] in rebuilt:
+                state.setdefault(f"model.{key}", value)
 
     def data_spec(self) -> dict:
         """What the data pipeline needs of the model, and nothing more."""
@@ -270,14 +276,11 @@ class LlavaLitModule(LightningModule):
     # ---- optimisation ---------------------------------------------------------------
     def configure_optimizers(self):
         cfg = self.optimizer_config
-        decay, no_decay = [], []
-        for param in self.model.parameters():
-            if param.requires_grad:
-                (decay if param.ndim >= 2 else no_decay).append(param)
-        if not decay and not no_decay:
-            raise ValueError("nothing trains: every part is frozen")
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+        groups = parameter_groups(self.model, cfg)
+        fused = cfg.fused
+        if fused is None:
+            fused = all(p.is_cuda for g in groups for p in g["params"])
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total)
         schedule = torch.optim.lr_scheduler.LambdaLR(

@@ -1,0 +1,137 @@
+"""A training stage as data: what trains in each part, at what learning rate, and what a
+checkpoint of the stage must hold.
+
+LLaVA stage 1 trains the projector alone; stage 2 the projector and the LLM; the LoRA
+variant an adapter on a frozen LLM. Recipes say which per part, instead of code paths.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from torch import nn
+
+PARTS = ("vision", "projector", "llm")
+PART_MODES = {
+    "vision": ("frozen", "full", "partial"),
+    "projector": ("frozen", "full"),
+    "llm": ("frozen", "full", "lora", "partial"),
+}
+
+
+@dataclass
+class FreezeConfig:
+    """What trains, per part. LLaVA stage 1 trains only the projector."""
+
+    vision: str = "frozen"
+    """`frozen`, `full` (trained), or `partial` (the last `vision_blocks` blocks train)."""
+    projector: str = "full"
+    """`frozen` or `full` (trained)."""
+    llm: str = "frozen"
+    """`frozen`, `full`, `lora` (an adapter, `llm.lora`, on a frozen base) or `partial` (the last `llm_blocks`
+    decoder layers train)."""
+    vision_blocks: int = 0
+    """Blocks of the tower that train under `vision: partial`, counted from the last one kept."""
+    llm_blocks: int = 0
+    """Decoder layers that train under `llm: partial`, counted from the last."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 2e-5
+    """Peak learning rate (AdamW) of every part without its own in `part_lr`."""
+    weight_decay: float = 0.0
+    """Applied to matrices only, never to biases, norms or embeddings' 1-D parameters."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = 0.03
+    """Fraction of all steps spent warming up linearly from 0."""
+    warmup_steps: int | None = None
+    """Warm-up steps; overrides warmup_ratio when set."""
+    min_lr_ratio: float = 0.0
+    """The cosine decays to lr * min_lr_ratio at the last step."""
+    part_lr: dict[str, float] = field(default_factory=dict)
+    """Peak learning rate per part, e.g. `{projector: 2e-5}` with `lr: 2e-4` (LLaVA's LoRA recipe)."""
+    part_weight_decay: dict[str, float] = field(default_factory=dict)
+    """Weight decay per part, overriding `weight_decay`."""
+    fused: bool | None = None
+    """Fused AdamW kernel; None: on when every trained parameter is on a GPU."""
+
+
+def check_stage(freeze: FreezeConfig, optimizer: OptimizerConfig) -> None:
+    for part in PARTS:
+        mode = getattr(freeze, part)
+        if mode not in PART_MODES[part]:
+            raise ValueError(f"freeze.{part}: unknown mode {mode!r}; choose one of {list(PART_MODES[part])}")
+    for part, blocks in (("vision", freeze.vision_blocks), ("llm", freeze.llm_blocks)):
+        if getattr(freeze, part) == "partial" and blocks < 1:
+            raise ValueError(f"freeze.{part}: partial needs freeze.{part}_blocks >= 1 (how many last blocks train)")
+    for name, table in (("part_lr", optimizer.part_lr), ("part_weight_decay", optimizer.part_weight_decay)):
+        unknown = sorted(set(table) - set(PARTS))
+        if unknown:
+            raise ValueError(f"optimizer.{name}: unknown parts {unknown}; choose from {list(PARTS)}")
+
+
+def blocks_of(model: nn.Module, part: str) -> list[nn.Module]:
+    """A part's repeated blocks in order: the tower's wrap units, the LLM's decoder layers."""
+    if part == "vision":
+        return list(model.vision.wrap_modules())
+    decoder = model.llm.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(decoder).__name__} has no `layers`: partial training cannot find its blocks")
+    return list(layers)
+
+
+def apply_freeze(model: nn.Module, freeze: FreezeConfig) -> None:
+    """Sets requires_grad per part; under `lora` peft has already frozen all but the adapter."""
+    for part in PARTS:
+        mode = getattr(freeze, part)
+        if mode == "lora":
+            continue
+        getattr(model, part).requires_grad_(mode == "full")
+        if mode == "partial":
+            blocks = blocks_of(model, part)
+            count = getattr(freeze, f"{part}_blocks")
+            if count > len(blocks):
+                raise ValueError(f"freeze.{part}_blocks {count} is more than the {len(blocks)} blocks the {part} has")
+            for block in blocks[-count:]:
+                block.requires_grad_(True)
+    if hasattr(model.vision, "unused_parameters"):  # kept for weight compatibility, never run
+        for param in model.vision.unused_parameters():
+            param.requires_grad_(False)
+
+
+def parameter_groups(model: nn.Module, optimizer: OptimizerConfig) -> list[dict]:
+    """Per part, matrices with weight decay and the rest (biases, norms) without; named, so
+    the learning-rate monitor logs each group."""
+    groups = []
+    for part in PARTS:
+        lr = optimizer.part_lr.get(part, optimizer.lr)
+        decay = optimizer.part_weight_decay.get(part, optimizer.weight_decay)
+        params = [p for p in getattr(model, part).parameters() if p.requires_grad]
+        matrices = [p for p in params if p.ndim >= 2]
+        others = [p for p in params if p.ndim < 2]
+        if matrices:
+            groups.append({"name": part, "params": matrices, "lr": lr, "weight_decay": decay})
+        if others:
+            groups.append({"name": f"{part}/no_decay", "params": others, "lr": lr, "weight_decay": 0.0})
+    if not groups:
+        raise ValueError("nothing trains: every part is frozen")
+    return groups
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate at `step`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def kept_in_checkpoint(model: nn.Module, rebuildable: set[str]) -> set[str]:
+    """State keys a checkpoint must hold: everything, except in parts the config rebuilds
+    exactly (hub weights, `init_from`), where only trained parameters are kept. So a stage-1
+    checkpoint holds the projector (megabytes), and a LoRA one the adapter, not the 7B base."""
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {key for key in model.state_dict() if key.split(".", 1)[0] not in rebuildable or key in trained}
