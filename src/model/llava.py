@@ -61,6 +61,12 @@ def flatten_packed(
     return embeddings.reshape(1, rows * length, embeddings.shape[-1]), flat_positions, varlen
 
 
+def _dtype_of(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype a module computes in: its parameters' (FSDP casts its own inputs)."""
+    param = next(module.parameters(), None)
+    return default if param is None else param.dtype
+
+
 class LlavaModel(nn.Module):
     def __init__(self, vision: nn.Module, projector: nn.Module, llm: nn.Module, image_token_id: int) -> None:
         super().__init__()
@@ -76,12 +82,13 @@ class LlavaModel(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, 3, H, W) -> (images, tokens, llm hidden)."""
+        pixel_values = pixel_values.to(_dtype_of(self.vision, pixel_values.dtype))  # a frozen tower may be bf16
         if any(p.requires_grad for p in self.vision.parameters()):
             features = self.vision(pixel_values)
         else:
             with torch.no_grad():  # a frozen tower needs no activations kept for backward
                 features = self.vision(pixel_values)
-        return self.projector(features)
+        return self.projector(features.to(_dtype_of(self.projector, features.dtype)))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         embeddings = self.llm.get_input_embeddings()(input_ids)
@@ -91,7 +98,7 @@ class LlavaModel(nn.Module):
             if n_slots:
                 raise ValueError(f"{n_slots} image placeholder tokens but no images in the batch")
             return embeddings + self._touch_image_path() if torch.is_grad_enabled() else embeddings
-        features = self.encode_images(pixel_values.to(embeddings.dtype))
+        features = self.encode_images(pixel_values)
         if features.shape[0] * features.shape[1] != n_slots:
             raise ValueError(
                 f"{features.shape[0]} images make {features.shape[0] * features.shape[1]} tokens "

@@ -23,6 +23,7 @@ from src.model.lora import apply_lora
 from src.model.projector import ProjectorConfig, build_projector
 from src.model.vision import VisionConfig, build_vision_tower
 from src.model.weights import load_parts, read_state
+from src.training.sharding import FSDPConfig, cast_frozen, checkpoint_blocks, shard_model
 from src.training.stage import (  # noqa: F401  (FreezeConfig, OptimizerConfig, warmup_cosine: the stage API)
     PARTS,
     FreezeConfig,
@@ -65,6 +66,8 @@ class LlavaLitModule(LightningModule):
         optimizer: OptimizerConfig | None = None,
         max_new_tokens: int = 32,
         init_from: str | None = None,
+        fsdp: FSDPConfig | None = None,
+        frozen_dtype: str | None = None,
     ) -> None:
         """
         Args:
@@ -78,6 +81,9 @@ class LlavaLitModule(LightningModule):
             init_from: weights to start from: a state-dict file (`python -m src.export from-hf`) or a
                 Lightning checkpoint of an earlier stage; each part it holds (vision, projector, llm)
                 is loaded whole, and a key or shape mismatch is an error.
+            fsdp: sharding and precision under `ModelParallelStrategy` (FSDP2); with another strategy only
+                its `activation_checkpointing` applies.
+            frozen_dtype: store parts that do not train at all in this dtype (`bfloat16` halves their memory).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -86,8 +92,9 @@ class LlavaLitModule(LightningModule):
         self.llm_config = _as_config(LLMConfig, llm)
         self.freeze_config = _as_config(FreezeConfig, freeze)
         self.optimizer_config = _as_config(OptimizerConfig, optimizer)
+        self.fsdp_config = _as_config(FSDPConfig, fsdp)
         # checkpoints keep plain dicts, as the CLI writes them, so they load with torch's weights_only default
-        for key in ("vision", "projector", "llm", "freeze", "optimizer"):
+        for key in ("vision", "projector", "llm", "freeze", "optimizer", "fsdp"):
             self.hparams[key] = asdict(getattr(self, f"{key}_config"))
         check_stage(self.freeze_config, self.optimizer_config)
         if self.llm_config.quantization != "none" and self.freeze_config.llm == "full":
@@ -124,6 +131,14 @@ class LlavaLitModule(LightningModule):
         if self.freeze_config.llm == "lora":
             self.model.llm = apply_lora(self.model.llm, self.llm_config.lora)
         self.apply_freeze()
+        cast = cast_frozen(self.model, self.hparams.frozen_dtype)
+        if cast:
+            rank_zero_info(f"frozen parts stored in {self.hparams.frozen_dtype}: {', '.join(cast)}")
+        if self.fsdp_config.activation_checkpointing:
+            rank_zero_info(f"activation checkpointing: {checkpoint_blocks(self.model)} trained blocks")
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over its data-parallel dimension
+            units = shard_model(self.model, self.device_mesh["data_parallel"], self.fsdp_config)
+            rank_zero_info(f"FSDP2: {len(units)} units (per block, tower, projector, per decoder layer, root)")
 
     def apply_freeze(self) -> None:
         assert self.model is not None
@@ -211,11 +226,26 @@ class LlavaLitModule(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self._count_skips(batch, "train")
         out = self(batch)
+        loss = self._data_parallel_loss(out.loss, out.supervised_tokens)
         size = batch["input_ids"].shape[0]
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=self.trainer.world_size > 1)
         self.log("train/supervised_tokens", float(out.supervised_tokens), batch_size=size)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size)
-        return out.loss
+        return loss
+
+    def _data_parallel_loss(self, loss: torch.Tensor, tokens: int) -> torch.Tensor:
+        """Each rank's mean loss, weighted by its share of the step's supervised tokens.
+
+        DDP and FSDP average gradients over ranks; with ranks holding different numbers of
+        supervised tokens, a plain average would weight a token on a short rank more than one
+        on a long rank. Scaled by `tokens x ranks / all tokens`, the average is the global
+        batch's token mean, exactly what one process with the whole batch computes.
+        """
+        world = self.trainer.world_size
+        if world <= 1:
+            return loss
+        count = torch.tensor(float(tokens), device=loss.device)
+        total = self.trainer.strategy.reduce(count.clone(), reduce_op="sum")
+        return loss * (count * world / total.clamp(min=1.0))
 
     def _evaluate(self, batch: dict, stage: str, metric: MultipleChoiceAccuracy) -> None:
         self._count_skips(batch, stage)

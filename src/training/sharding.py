@@ -1,0 +1,99 @@
+"""FSDP2 (`fully_shard`) for LlavaModel, applied in `configure_model` under Lightning's
+`ModelParallelStrategy`.
+
+Each repeated block is its own unit (ViT blocks, decoder layers), so only one block's full
+parameters exist at a time; the tower's and the projector's leftovers are units of their
+own, so every unit holds one dtype (a frozen part may be kept in bf16 while the rest trains
+in float32); the root holds the LLM's embeddings, final norm and head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class FSDPConfig:
+    """How FSDP2 shards and computes (used under ModelParallelStrategy)."""
+
+    param_dtype: str | None = None
+    """Dtype parameters are gathered and computed in (`bfloat16` for speed); None: as stored."""
+    reduce_dtype: str | None = "float32"
+    """Dtype gradients are reduce-scattered in; float32 keeps bf16 training's sums exact enough."""
+    reshard_after_forward: bool = True
+    """Free gathered parameters after each block's forward (ZeRO-3); false keeps them (ZeRO-2, faster)."""
+    activation_checkpointing: bool = False
+    """Recompute each trained block in backward (non-reentrant) instead of keeping its activations."""
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {list(DTYPES)}")
+    return DTYPES[name]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(model.llm.get_decoder(), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model.llm.get_decoder()).__name__} has no `layers` list to shard per layer")
+    return layers
+
+
+def checkpoint_blocks(model: nn.Module) -> int:
+    """Wraps every trained block for activation checkpointing; returns how many."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    wrapped = 0
+    containers = [decoder_layers(model)]
+    blocks = getattr(model.vision, "model", None)
+    if isinstance(getattr(blocks, "blocks", None), nn.Sequential | nn.ModuleList):
+        containers.append(blocks.blocks)
+    for container in containers:
+        for i, block in enumerate(container):
+            if any(p.requires_grad for p in block.parameters()):
+                container[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+                wrapped += 1
+    return wrapped
+
+
+def shard_model(model: nn.Module, mesh, config: FSDPConfig) -> list[str]:
+    """Applies fully_shard per block, per part, then to the root; returns the units, in order."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=_dtype(config.param_dtype), reduce_dtype=_dtype(config.reduce_dtype))
+    options = {"mesh": mesh, "mp_policy": policy, "reshard_after_forward": config.reshard_after_forward}
+    units = []
+    for i, block in enumerate(model.vision.wrap_modules()):
+        fully_shard(block, **options)
+        units.append(f"vision.block{i}")
+    fully_shard(model.vision, **options)
+    units.append("vision")
+    fully_shard(model.projector, **options)
+    units.append("projector")
+    for i, layer in enumerate(decoder_layers(model)):
+        fully_shard(layer, **options)
+        units.append(f"llm.layer{i}")
+    fully_shard(model, **options)
+    units.append("root")
+    return units
+
+
+def cast_frozen(model: nn.Module, dtype: str | None) -> list[str]:
+    """Stores the parts that do not train at all in `dtype` (bf16 halves their memory)."""
+    target = _dtype(dtype)
+    if target is None:
+        return []
+    cast = []
+    for part in ("vision", "projector", "llm"):
+        module = getattr(model, part)
+        if not any(p.requires_grad for p in module.parameters()):
+            module.to(target)
+            cast.append(part)
+    return cast
