@@ -138,3 +138,30 @@ def test_a_weighted_mixture_from_yaml_trains(tmp_path: Path) -> None:
     main(["fit", "--config", CONFIG, "--config", str(mixture), f"--trainer.default_root_dir={tmp_path}", *FAST])
     losses = _scalars(tmp_path)["train/loss"]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+
+
+class _Payload:
+    """Unpickling this creates a file: a stand-in for code an untrusted checkpoint would run."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_untrusted_checkpoints_and_weights_are_never_unpickled(tmp_path: Path) -> None:
+    import pickle
+
+    import torch
+
+    from src.model.weights import read_state
+
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": {}, "payload": _Payload(str(marker))}, bad)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        main(["test", "--config", CONFIG, f"--ckpt_path={bad}", f"--trainer.default_root_dir={tmp_path}"])
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        read_state(bad)
+    assert not marker.exists()

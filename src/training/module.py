@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import AutoTokenizer
 
 from src.data.conversation import IGNORE_INDEX, IMAGE_TAG, parse_choice
@@ -68,6 +68,7 @@ class LlavaLitModule(LightningModule):
         init_from: str | None = None,
         fsdp: FSDPConfig | None = None,
         frozen_dtype: str | None = None,
+        max_bad_steps: int = 10,
     ) -> None:
         """
         Args:
@@ -84,6 +85,8 @@ class LlavaLitModule(LightningModule):
             fsdp: sharding and precision under `ModelParallelStrategy` (FSDP2); with another strategy only
                 its `activation_checkpointing` applies.
             frozen_dtype: store parts that do not train at all in this dtype (`bfloat16` halves their memory).
+            max_bad_steps: a step whose loss is NaN or infinite on any rank is skipped and counted
+                (`train/skipped_nonfinite`); this many in a row stop the run, leaving its last checkpoint.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -109,6 +112,8 @@ class LlavaLitModule(LightningModule):
         self.val_mc = MultipleChoiceAccuracy()
         self.test_mc = MultipleChoiceAccuracy()
         self.skipped: Counter[str] = Counter()
+        self.bad_steps = 0  # non-finite losses in a row
+        self.bad_total = 0
 
     # ---- building -------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -226,11 +231,33 @@ class LlavaLitModule(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self._count_skips(batch, "train")
         out = self(batch)
+        if self._nonfinite(out.loss):
+            return None  # Lightning skips backward and the optimizer step
         loss = self._data_parallel_loss(out.loss, out.supervised_tokens)
         size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=self.trainer.world_size > 1)
         self.log("train/supervised_tokens", float(out.supervised_tokens), batch_size=size)
         return loss
+
+    def _nonfinite(self, loss: torch.Tensor) -> bool:
+        """True when any rank's loss is NaN or infinite: every rank skips, or DDP would hang."""
+        bad = torch.tensor(float(not torch.isfinite(loss).all()), device=loss.device)
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if float(bad) == 0:
+            self.bad_steps = 0
+            return False
+        self.bad_steps += 1
+        self.bad_total += 1
+        self.log("train/skipped_nonfinite", float(self.bad_total), batch_size=1)
+        rank_zero_warn(f"step {self.global_step}: non-finite loss, step skipped ({self.bad_steps} in a row)")
+        if self.bad_steps >= self.hparams.max_bad_steps:
+            raise RuntimeError(
+                f"{self.bad_steps} steps in a row had a NaN or infinite loss (step {self.global_step}); the run "
+                "stops with its last checkpoint intact. Lower optimizer.lr, raise warm-up, use bf16 rather than "
+                "fp16, or look for broken samples"
+            )
+        return True
 
     def _data_parallel_loss(self, loss: torch.Tensor, tokens: int) -> torch.Tensor:
         """Each rank's mean loss, weighted by its share of the step's supervised tokens.
