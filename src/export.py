@@ -17,8 +17,10 @@ anything else the export stops and names the part.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -290,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m src.export", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     to_hf = sub.add_parser("to-hf", help="a checkpoint of this kit -> a transformers Llava folder")
-    to_hf.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) of LlavaLitModule")
+    to_hf.add_argument("--ckpt", required=True, help="Lightning checkpoint of LlavaLitModule (file, or FSDP2 folder)")
     to_hf.add_argument("--out", required=True, help="folder to write")
     to_hf.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     from_hf = sub.add_parser("from-hf", help="a transformers Llava folder or hub id -> our config + weights")
@@ -301,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "to-hf":
             from src.training.module import LlavaLitModule
 
-            module = LlavaLitModule.load_from_checkpoint(args.ckpt, map_location="cpu")
+            with single_file(args.ckpt) as ckpt:
+                module = LlavaLitModule.load_from_checkpoint(ckpt, map_location="cpu")
             print(f"wrote {export(module, args.out, args.dtype)}")
         else:
             write_imported(args.hf, args.out)
@@ -312,6 +315,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+@contextlib.contextmanager
+def single_file(ckpt: str | Path):
+    """A checkpoint as one file: FSDP2's distributed checkpoint folders are consolidated first
+    (as `python -m lightning.pytorch.utilities.consolidate_checkpoint` does)."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        yield ckpt
+        return
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    checkpoint = _load_distributed_checkpoint(ckpt)
+    if "model" in checkpoint:  # FSDPStrategy's layout; ModelParallelStrategy writes state_dict
+        checkpoint["state_dict"] = checkpoint.pop("model")
+    optimizers = sorted(k for k in checkpoint if k.startswith("optimizer_") and k.removeprefix("optimizer_").isdigit())
+    if optimizers:
+        checkpoint["optimizer_states"] = [checkpoint.pop(k) for k in optimizers]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "consolidated.ckpt"
+        torch.save(checkpoint, path)
+        yield path
 
 
 def write_imported(hf_folder: str | Path, out: str | Path) -> Path:

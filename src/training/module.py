@@ -178,8 +178,8 @@ class LlavaLitModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         rebuildable = self.rebuildable_parts()
-        if not rebuildable or "state_dict" not in checkpoint:
-            return
+        if not rebuildable or "state_dict" not in checkpoint or self.device_mesh is not None:
+            return  # FSDP2's distributed checkpoints are loaded key for key into the sharded model: keep all
         keep = {f"model.{key}" for key in kept_in_checkpoint(self.model, rebuildable)}
         state = checkpoint["state_dict"]
         dropped = [key for key in state if key.startswith("model.") and key not in keep]

@@ -58,7 +58,8 @@ class FixedBatches(LightningDataModule):
             for j in range(self.accumulate):
                 chunk = batch[j * self.micro * world : (j + 1) * self.micro * world]
                 batches.append(collate(chunk[rank * self.micro : (rank + 1) * self.micro], pad_id=0))
-        return DataLoader(batches, batch_size=None)  # a bare list would be read as several loaders
+        start = self.trainer.global_step * self.accumulate  # a resumed run goes on with its next batch
+        return DataLoader(batches[start:], batch_size=None)  # a bare list would be read as several loaders
 
 
 class Losses(Callback):
@@ -77,6 +78,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--equal-lengths", action="store_true")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps into OUT-ckpt/")
+    parser.add_argument("--resume", default=None, help="checkpoint (file or distributed folder) to resume from")
     args = parser.parse_args()
     seed_everything(0)
     module = LlavaLitModule(
@@ -97,13 +100,19 @@ def main() -> None:
 
         strategy, devices = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), 2
     losses = Losses()
+    callbacks = [losses]
+    if args.save_every:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=args.out + "-ckpt", every_n_train_steps=args.save_every,
+                                         save_top_k=-1, filename="{step}"))  # fmt: skip
     trainer = Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=args.steps,
-        accumulate_grad_batches=args.accumulate, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[losses], use_distributed_sampler=False,
+        accumulate_grad_batches=args.accumulate, logger=False, enable_checkpointing=bool(args.save_every),
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, use_distributed_sampler=False,
     )  # fmt: skip
     data = FixedBatches(args.steps, args.micro, args.accumulate, args.equal_lengths, module.image_token_id)
-    trainer.fit(module, data)
+    trainer.fit(module, data, ckpt_path=args.resume)
     if args.strategy == "fsdp":
         state = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:

@@ -57,3 +57,21 @@ def test_gradient_accumulation_equals_the_doubled_micro_batch(tmp_path):
     pairs = [(halves[2 * i] + halves[2 * i + 1]) / 2 for i in range(len(doubled))]
     assert max(abs(a - b) for a, b in zip(pairs, doubled, strict=True)) <= 1e-5
     assert_same_weights(weights, doubled_weights)
+
+
+def test_fsdp_distributed_checkpoints_resume_exactly_and_consolidate(tmp_path):
+    """Each rank writes its shard; a run resumed from the folder continues the losses, and the
+    folder consolidates into one file that loads in a single process with the same weights."""
+    from src.export import single_file
+    from src.training.module import LlavaLitModule
+
+    straight, weights = run(tmp_path, "a", "--strategy", "fsdp", "--micro", "2", "--steps", "6", "--save-every", "3")
+    folder = tmp_path / "a-ckpt" / "step=3.ckpt"
+    assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    resumed, resumed_weights = run(tmp_path, "b", "--strategy", "fsdp", "--micro", "2", "--steps", "6",
+                                   "--resume", str(folder))  # fmt: skip
+    assert len(resumed) == 3 and max(abs(a - b) for a, b in zip(resumed, straight[3:], strict=True)) <= 1e-6
+    assert_same_weights(resumed_weights, weights)
+    with single_file(tmp_path / "a-ckpt" / "step=6.ckpt") as path:
+        module = LlavaLitModule.load_from_checkpoint(path, map_location="cpu")
+    assert_same_weights({k: v for k, v in module.model.state_dict().items()}, weights)
