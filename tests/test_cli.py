@@ -165,3 +165,12 @@ def test_untrusted_checkpoints_and_weights_are_never_unpickled(tmp_path: Path) -
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         read_state(bad)
     assert not marker.exists()
+
+
+def test_global_batch_size_accumulates_micro_batches(tmp_path: Path) -> None:
+    cli = main(
+        ["fit", "--config", CONFIG, "--data.global_batch_size=8", f"--trainer.default_root_dir={tmp_path}", *FAST]
+    )
+    assert cli.trainer.accumulate_grad_batches == 2  # 8 = 4 per device x 1 device x 2
+    assert cli.trainer.global_step == 4
+    assert cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed == 8

@@ -80,6 +80,7 @@ class LlavaDataModule(LightningDataModule):
         batching: str = "shuffle",
         window_batches: int = 8,
         pack_length: int | None = None,
+        global_batch_size: int | None = None,
     ) -> None:
         """
         Args:
@@ -113,6 +114,8 @@ class LlavaDataModule(LightningDataModule):
             window_batches: batches formed together from one window of examples (the span of
                 shuffling, grouping and packing).
             pack_length: tokens per packed row (`batching: pack`); default: max_length.
+            global_batch_size: examples per optimizer step over all ranks; gradient accumulation is set
+                to global / (batch_size x devices x nodes), so a recipe keeps its batch on any cluster.
         """
         super().__init__()
         for view in [eval_view, *([train_view] if isinstance(train_view, str) else train_view)]:
@@ -177,6 +180,30 @@ class LlavaDataModule(LightningDataModule):
             batch_size=None,
             num_workers=workers,
             persistent_workers=persistent and workers > 0,
+        )
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.global_batch_size:
+            self._set_accumulation()
+
+    def _set_accumulation(self) -> None:
+        trainer, hp = self.trainer, self.hparams
+        per_step = hp.batch_size * trainer.world_size
+        if hp.global_batch_size % per_step:
+            raise ValueError(
+                f"data.global_batch_size {hp.global_batch_size} is not a multiple of data.batch_size {hp.batch_size} "
+                f"x {trainer.world_size} processes = {per_step}; change the micro batch or the number of devices"
+            )
+        steps = hp.global_batch_size // per_step
+        if trainer.accumulate_grad_batches not in (1, steps):
+            raise ValueError(
+                f"trainer.accumulate_grad_batches {trainer.accumulate_grad_batches} conflicts with "
+                f"data.global_batch_size (which needs {steps}); set one of them"
+            )
+        trainer.accumulate_grad_batches = steps
+        rank_zero_info(
+            f"global batch {hp.global_batch_size} = {hp.batch_size} per device x {trainer.world_size} processes "
+            f"x {steps} accumulation steps"
         )
 
     def _sources(self) -> tuple[list[StreamSource], int]:

@@ -682,3 +682,22 @@ def test_datamodule_rejects_unknown_names_at_construction():
         LlavaDataModule(train_view=["caption", "chat"])
     with pytest.raises(ValueError, match="unknown multiple-choice format 'letters'"):
         LlavaDataModule(mc_format="letters")
+
+
+@pytest.mark.parametrize(("world", "accumulate"), [(1, 8), (2, 4), (8, 1)])
+def test_global_batch_size_sets_accumulation_for_the_cluster(world, accumulate):
+    dm = LlavaDataModule(batch_size=4, global_batch_size=32)
+    dm.trainer = SimpleNamespace(world_size=world, accumulate_grad_batches=1)
+    dm.setup("fit")
+    assert dm.trainer.accumulate_grad_batches == accumulate
+
+
+def test_global_batch_size_must_divide_and_not_conflict():
+    dm = LlavaDataModule(batch_size=4, global_batch_size=36)
+    dm.trainer = SimpleNamespace(world_size=2, accumulate_grad_batches=1)
+    with pytest.raises(ValueError, match=r"global_batch_size 36 is not a multiple of data.batch_size 4 x 2 processes"):
+        dm.setup("fit")
+    dm = LlavaDataModule(batch_size=4, global_batch_size=32)
+    dm.trainer = SimpleNamespace(world_size=2, accumulate_grad_batches=2)
+    with pytest.raises(ValueError, match="trainer.accumulate_grad_batches 2 conflicts with data.global_batch_size"):
+        dm.setup("fit")
