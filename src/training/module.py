@@ -7,6 +7,7 @@ need it.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from dataclasses import asdict
 
@@ -45,6 +46,23 @@ def _as_config(cls: type, value: object):
     if isinstance(value, dict):
         return cls(**value)
     raise TypeError(f"expected {cls.__name__} or a dict, got {type(value).__name__}")
+
+
+@contextlib.contextmanager
+def _oom_advice(module: LightningModule, batch: dict | None):
+    """Out of memory: say which knobs free memory, in the order they cost least."""
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        shape = f" (this batch: {tuple(batch['input_ids'].shape)} tokens)" if batch is not None else ""
+        raise RuntimeError(
+            f"out of memory at step {module.global_step}{shape}. Free memory by, in this order: a smaller "
+            "data.batch_size with data.global_batch_size kept (more accumulation steps); "
+            "model.fsdp.activation_checkpointing: true or model.llm.gradient_checkpointing: true; "
+            "model.frozen_dtype: bfloat16 and trainer.precision: bf16-mixed; FSDP2 "
+            "(trainer.strategy: ModelParallelStrategy) to shard parameters and optimizer state; a shorter "
+            "data.max_length; freeze.llm: lora"
+        ) from error
 
 
 def _pretrained_tower(config: VisionConfig) -> bool:
@@ -230,7 +248,8 @@ class LlavaLitModule(LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self._count_skips(batch, "train")
-        out = self(batch)
+        with _oom_advice(self, batch):
+            out = self(batch)
         if self._nonfinite(out.loss):
             return None  # Lightning skips backward and the optimizer step
         loss = self._data_parallel_loss(out.loss, out.supervised_tokens)
@@ -238,6 +257,10 @@ class LlavaLitModule(LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=self.trainer.world_size > 1)
         self.log("train/supervised_tokens", float(out.supervised_tokens), batch_size=size)
         return loss
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        with _oom_advice(self, None):
+            super().backward(loss, *args, **kwargs)
 
     def _nonfinite(self, loss: torch.Tensor) -> bool:
         """True when any rank's loss is NaN or infinite: every rank skips, or DDP would hang."""

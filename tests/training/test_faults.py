@@ -62,3 +62,21 @@ def test_too_many_bad_steps_in_a_row_stop_the_run_with_the_advice():
     module = tiny(max_bad_steps=3)
     with pytest.raises(RuntimeError, match=r"3 steps in a row had a NaN or infinite loss .* Lower optimizer.lr"):
         fit(module, batches(module, poisoned={0, 1, 2, 3}, count=4), steps=4)
+
+
+def test_out_of_memory_names_the_knobs_to_turn(monkeypatch):
+    module = tiny()
+    loader = batches(module, poisoned=set(), count=2)
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    module.configure_model()
+    monkeypatch.setattr(module.model, "forward", no_memory)
+    with pytest.raises(RuntimeError) as info:
+        fit(module, loader, steps=1)
+    message = str(info.value)
+    assert message.startswith("out of memory at step 0 (this batch: (4, 15) tokens). Free memory by")
+    for knob in ("data.batch_size", "activation_checkpointing", "ModelParallelStrategy", "freeze.llm: lora"):
+        assert knob in message
+    assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
