@@ -48,7 +48,8 @@ def test_freeze_policy_sets_what_trains():
     module = LlavaLitModule(TOKENIZER, freeze=FreezeConfig(vision="frozen", projector="full", llm="frozen"), **TINY)
     module.configure_model()
     trains = {
-        part: {p.requires_grad for p in getattr(module.model, part).parameters()} for part in ("vision", "projector", "llm")
+        part: {p.requires_grad for p in getattr(module.model, part).parameters()}
+        for part in ("vision", "projector", "llm")
     }
     assert trains == {"vision": {False}, "projector": {True}, "llm": {False}}
     spec = module.data_spec()
@@ -56,7 +57,9 @@ def test_freeze_policy_sets_what_trains():
 
 
 def test_unknown_freeze_mode_and_nothing_to_train():
-    with pytest.raises(ValueError, match=r"freeze.vision: unknown mode 'lora'; choose one of \['frozen', 'full', 'partial'\]"):
+    with pytest.raises(
+        ValueError, match=r"freeze.vision: unknown mode 'lora'; choose one of \['frozen', 'full', 'partial'\]"
+    ):
         LlavaLitModule(TOKENIZER, freeze=FreezeConfig(vision="lora"), **TINY)
     with pytest.raises(
         ValueError, match=r"freeze.llm: unknown mode 'qlora'; choose one of \['frozen', 'full', 'lora', 'partial'\]"
