@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,6 +30,25 @@ class FSDPConfig:
     """Free gathered parameters after each block's forward (ZeRO-3); false keeps them (ZeRO-2, faster)."""
     activation_checkpointing: bool = False
     """Recompute each trained block in backward (non-reentrant) instead of keeping its activations."""
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy with FSDP2's defaults: every process is one
+    data-parallel rank (its own `auto` would make a node's GPUs one tensor-parallel group),
+    on any number of devices and nodes, with no size to keep in step with the cluster."""
+
+    def __init__(self, tensor_parallel_size: int = 1, save_distributed_checkpoint: bool = True, **kwargs) -> None:
+        super().__init__(
+            data_parallel_size="auto", tensor_parallel_size=tensor_parallel_size,
+            save_distributed_checkpoint=save_distributed_checkpoint, **kwargs,
+        )  # fmt: skip
+
+    def setup_environment(self) -> None:
+        if self.world_size % self._tensor_parallel_size:
+            raise ValueError(f"{self.world_size} processes do not split into tensor-parallel groups of "
+                             f"{self._tensor_parallel_size}")  # fmt: skip
+        self._data_parallel_size = self.world_size // self._tensor_parallel_size
+        super().setup_environment()
 
 
 def _dtype(name: str | None) -> torch.dtype | None:

@@ -133,5 +133,8 @@ def kept_in_checkpoint(model: nn.Module, rebuildable: set[str]) -> set[str]:
     """State keys a checkpoint must hold: everything, except in parts the config rebuilds
     exactly (hub weights, `init_from`), where only trained parameters are kept. So a stage-1
     checkpoint holds the projector (megabytes), and a LoRA one the adapter, not the 7B base."""
-    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    # activation checkpointing wraps blocks: parameter names gain a prefix state-dict keys do not have
+    trained = {
+        name.replace("_checkpoint_wrapped_module.", "") for name, p in model.named_parameters() if p.requires_grad
+    }
     return {key for key in model.state_dict() if key.split(".", 1)[0] not in rebuildable or key in trained}

@@ -96,9 +96,9 @@ def main() -> None:
     elif args.strategy == "ddp":
         strategy, devices = "ddp", 2
     else:
-        from lightning.pytorch.strategies import ModelParallelStrategy
+        from src.training.sharding import FSDP2Strategy
 
-        strategy, devices = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), 2
+        strategy, devices = FSDP2Strategy(), 2
     losses = Losses()
     callbacks = [losses]
     if args.save_every:

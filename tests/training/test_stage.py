@@ -131,3 +131,16 @@ def test_a_run_without_rebuildable_parts_saves_everything(tmp_path):
     saved = save(module, tmp_path / "m.ckpt")
     assert {k.removeprefix("model.") for k in saved["state_dict"]} == set(module.model.state_dict())
     assert "rebuilt_parts" not in saved
+
+
+def test_activation_checkpointing_does_not_hide_trained_blocks_from_the_checkpoint(tmp_path):
+    """checkpoint_wrapper renames parameters but not state-dict keys: trained layers must still be saved."""
+    source = module_with(FreezeConfig(vision="full", projector="full", llm="full"))
+    torch.save(source.model.state_dict(), tmp_path / "init.pt")
+    module = LlavaLitModule(TOKENIZER, vision=VISION, llm=LLM, freeze=FreezeConfig(llm="full"),
+                            init_from=str(tmp_path / "init.pt"), fsdp={"activation_checkpointing": True})  # fmt: skip
+    module.configure_model()
+    assert any("_checkpoint_wrapped_module" in name for name, _ in module.model.named_parameters())
+    saved = save(module, tmp_path / "m.ckpt")
+    layers = [k for k in saved["state_dict"] if ".layers." in k]
+    assert layers and len(layers) == len([k for k in module.model.state_dict() if ".layers." in k])

@@ -1,0 +1,379 @@
+"""The recipes under experiments/: every one parses through the CLI and builds its real model.
+
+Hub ids cannot be downloaded here, so the build reads the real models' `config.json` (and the
+towers' `preprocessor_config.json`) from tests/fixtures/hub/<hub id>/ and builds them on the
+meta device: real architectures, no weights, no memory, a few seconds. A misspelt key, a
+projector that does not fit its tower, a hub id without a fixture, a global batch that does
+not add up or a stage 2 that cannot load what its stage 1 writes fails here, not on a cluster.
+A slow test then runs the 7B two-stage sequence as written on CPU processes with tiny parts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from src.cli import main
+from src.data.datamodule import LlavaDataModule
+from src.training import module as module_file
+from src.training.module import LlavaLitModule
+from src.training.stage import kept_in_checkpoint, parameter_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
+HUB = ROOT / "tests/fixtures/hub"
+DEMO_TOKENIZER = str(ROOT / "data_shards/demo/tokenizer")
+FSDP2 = "src.training.sharding.FSDP2Strategy"
+CLIP = "openai/clip-vit-large-patch14-336"
+SIGLIP = "google/siglip-so400m-patch14-384"
+VICUNA_7B = "lmsys/vicuna-7b-v1.5"
+VICUNA_13B = "lmsys/vicuna-13b-v1.5"
+QWEN_05B = "Qwen/Qwen2.5-0.5B-Instruct"
+LCS_558K = 558_128  # records in blip_laion_cc_sbu_558k.json
+MIX_665K = 665_298  # records in llava_v1_5_mix665k.json
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a recipe must be, from the paper / the brief, checked against what it says."""
+
+    tower: str
+    llm: str
+    modes: tuple[str, str, str]  # freeze: vision, projector, llm
+    lr: dict[str, float]  # peak learning rate per trained part
+    global_batch: int
+    samples: int
+    template: str
+    image_tokens: int
+    tower_params: tuple[float, float]
+    llm_params: tuple[float, float]
+    stage1: str | None = None  # the recipe whose result init_from loads
+    sharded: bool = False  # FSDP2 through FSDP2Strategy (a ModelParallelStrategy)
+
+
+def _llava15(size: str, llm: str, llm_params: tuple[float, float]) -> dict[str, Spec]:
+    common = dict(tower=CLIP, llm=llm, image_tokens=576, tower_params=(0.28e9, 0.30e9), llm_params=llm_params)
+    stage1 = f"llava15_{size}/stage1_align"
+    return {
+        stage1: Spec(modes=("frozen", "full", "frozen"), lr={"projector": 1e-3}, global_batch=256,
+                     samples=LCS_558K, template="plain", **common),
+        f"llava15_{size}/stage2_finetune": Spec(
+            modes=("frozen", "full", "full"), lr={"projector": 2e-5, "llm": 2e-5}, global_batch=128,
+            samples=MIX_665K, template="vicuna_v1", stage1=stage1, sharded=True, **common),
+        f"llava15_{size}/stage2_lora": Spec(
+            modes=("frozen", "full", "lora"), lr={"projector": 2e-5, "llm": 2e-4}, global_batch=128,
+            samples=MIX_665K, template="vicuna_v1", stage1=stage1, **common),
+    }  # fmt: skip
+
+
+SPECS: dict[str, Spec] = {
+    **_llava15("7b", VICUNA_7B, (6.7e9, 6.8e9)),  # Llama-2-7B: 6.74e9
+    **_llava15("13b", VICUNA_13B, (12.9e9, 13.1e9)),  # Llama-2-13B: 13.02e9
+    "small/siglip_qwen05b": Spec(
+        tower=SIGLIP,
+        llm=QWEN_05B,
+        modes=("frozen", "full", "full"),
+        lr={"projector": 2e-5, "llm": 2e-5},
+        global_batch=128,
+        samples=MIX_665K,
+        template="chat_template",
+        image_tokens=729,
+        tower_params=(0.40e9, 0.42e9),
+        llm_params=(0.49e9, 0.50e9),
+    ),
+}
+RECIPES = sorted(str(p.relative_to(EXPERIMENTS).with_suffix("")) for p in EXPERIMENTS.rglob("*.yaml"))
+
+
+def test_every_recipe_has_a_spec_and_every_spec_a_recipe() -> None:
+    assert RECIPES == sorted(SPECS)
+
+
+@functools.cache
+def parsed(recipe: str) -> dict:
+    """The resolved config `--print_config` prints (the CLI exits 0 after printing it)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(EXPERIMENTS / f"{recipe}.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None), out.getvalue()[-2000:]
+    return yaml.safe_load(out.getvalue())
+
+
+def fixture_dir(hub_id: str) -> Path:
+    path = HUB / hub_id
+    assert (path / "config.json").is_file(), (
+        f"no fixture for hub id {hub_id!r}: a typo, or add tests/fixtures/hub/{hub_id}"
+    )
+    return path
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_parses_with_its_hub_ids(recipe: str) -> None:
+    config, spec = parsed(recipe), SPECS[recipe]
+    model = config["model"]
+    assert model["vision"]["name"] == spec.tower and model["llm"]["name"] == spec.llm
+    assert model["tokenizer"] == spec.llm  # the LLM's own tokenizer
+    for hub_id in (model["tokenizer"], model["vision"]["name"], model["llm"]["name"]):
+        fixture_dir(hub_id)
+    assert config["data"]["template"] == spec.template
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_global_batch_and_epoch_add_up(recipe: str) -> None:
+    config, spec = parsed(recipe), SPECS[recipe]
+    trainer, data = config["trainer"], config["data"]
+    world = int(trainer["devices"]) * int(trainer["num_nodes"])
+    # data.global_batch_size sets the accumulation at start: global / (batch_size x devices x nodes)
+    assert data["global_batch_size"] == spec.global_batch and trainer["accumulate_grad_batches"] == 1
+    assert spec.global_batch % (data["batch_size"] * world) == 0
+    assert data["samples_per_epoch"] == spec.samples and trainer["max_epochs"] == 1
+    assert trainer["precision"] == "bf16-mixed" and data["max_length"] == 2048
+    strategy = trainer["strategy"]
+    if spec.sharded:
+        assert strategy["class_path"] == FSDP2  # every process one data-parallel rank, on any cluster
+        assert strategy["init_args"].get("tensor_parallel_size", 1) == 1  # the data stream splits by global rank
+    else:
+        assert strategy in (("ddp",) if world > 1 else ("auto", "ddp"))
+
+
+def _final_checkpoint(config: dict) -> str:
+    """Where a recipe's run leaves its result: the ModelCheckpoint saving `final` at the epoch end."""
+    (final,) = [
+        c["init_args"] for c in config["trainer"]["callbacks"]
+        if c["class_path"].endswith("ModelCheckpoint") and c["init_args"].get("filename") == "final"
+    ]  # fmt: skip
+    assert final["every_n_epochs"] == 1 and final["save_on_train_epoch_end"] and not final["enable_version_counter"]
+    return f"{final['dirpath']}/final.ckpt"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_the_result_is_saved_at_the_end_and_stage2_starts_from_stage1s(recipe: str) -> None:
+    config, spec = parsed(recipe), SPECS[recipe]
+    _final_checkpoint(config)
+    if spec.stage1 is not None:
+        assert config["model"]["init_from"] == _final_checkpoint(parsed(spec.stage1))
+    else:
+        assert config["model"]["init_from"] is None
+
+
+# ---- the model, built on the meta device from the real configs --------------------------------
+def _from_config(name, config=None, attn_implementation=None, dtype=None, **_):
+    """AutoModelForCausalLM.from_pretrained without weights: the architecture of `name`'s config."""
+    assert Path(name).is_relative_to(HUB), f"{name} would be downloaded"
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+
+
+def build(recipe: str, monkeypatch: pytest.MonkeyPatch, init_state: dict | None = None) -> LlavaLitModule:
+    """The recipe's LlavaLitModule with its model built on the meta device.
+
+    Changed from the recipe, and only so: hub ids point at the fixture configs, the tower is built
+    from its config instead of loading weights (`pretrained: false`), the LLM likewise, the
+    tokenizer is the demo one (the real ones cannot be downloaded; the LLM keeps its own
+    vocabulary rows), and `init_from` reads `init_state` instead of a checkpoint file.
+    """
+    model = dict(parsed(recipe)["model"])
+    model["tokenizer"] = DEMO_TOKENIZER
+    model["vision"] = {**model["vision"], "name": str(fixture_dir(model["vision"]["name"])), "pretrained": False}
+    model["llm"] = {**model["llm"], "name": str(fixture_dir(model["llm"]["name"]))}
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", _from_config)
+    if model["init_from"] is not None:
+        assert init_state is not None, f"{recipe} has init_from but the test gave it no state"
+        expected = model["init_from"]
+
+        def read_state(path: str) -> dict:
+            assert path == expected
+            return init_state
+
+        monkeypatch.setattr(module_file, "read_state", read_state)
+    module = LlavaLitModule(**model)
+    with torch.device("meta"):
+        module.configure_model()
+    return module
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def lora_parameters(llm_config, r: int) -> int:
+    """A rank-r adapter on every linear layer of a Llama / Qwen2 decoder: r x (in + out) each."""
+    h, i = llm_config.hidden_size, llm_config.intermediate_size
+    kv = llm_config.num_key_value_heads * (h // llm_config.num_attention_heads)
+    per_layer = (h + h) + 2 * (h + kv) + (h + h) + 2 * (h + i) + (i + h)  # q, k, v, o, gate, up, down
+    return r * per_layer * llm_config.num_hidden_layers
+
+
+def stage1_checkpoint(recipe: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
+    """What the stage-1 recipe's checkpoint holds, as meta tensors: its trained parts only
+    (in the real run the tower and the LLM come from the hub, so they are rebuilt, not saved)."""
+    with monkeypatch.context() as patch:
+        model = build(recipe, patch).model
+    state = model.state_dict()
+    return {key: state[key] for key in kept_in_checkpoint(model, {"vision", "llm"})}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_builds_its_model_on_the_meta_device(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = SPECS[recipe]
+    init_state = stage1_checkpoint(spec.stage1, monkeypatch) if spec.stage1 else None
+    if init_state is not None:
+        assert init_state and all(key.startswith("projector.") for key in init_state)  # megabytes, not the LLM
+    module = build(recipe, monkeypatch, init_state)
+    model = module.model
+    assert all(p.is_meta for p in model.parameters())
+    if spec.stage1:
+        assert module.init_parts == {"projector"}
+
+    # the parts: the real architectures, at their real sizes
+    llm_config = AutoConfig.from_pretrained(fixture_dir(spec.llm))
+    tower_in, llm_width = model.vision.hidden_size, llm_config.hidden_size
+    assert model.image_tokens == spec.image_tokens == model.vision.grid[0] * model.vision.grid[1]
+    assert spec.tower_params[0] < _count(model.vision) < spec.tower_params[1]
+    assert model.vision.layer == model.vision.full_depth - 2  # the penultimate layer, the last one pruned
+    assert _count(model.projector) == tower_in * llm_width + llm_width + llm_width * llm_width + llm_width  # mlp2
+    adapter = sum(p.numel() for name, p in model.llm.named_parameters() if "lora_" in name)
+    assert spec.llm_params[0] < _count(model.llm) - adapter < spec.llm_params[1]
+    transform = model.vision.image_transform()
+    assert transform.mode == "pad" and transform.size == {CLIP: 336, SIGLIP: 384}[spec.tower]
+
+    # what trains, and at what learning rate
+    freeze = module.freeze_config
+    assert (freeze.vision, freeze.projector, freeze.llm) == spec.modes
+    counts = module.parameter_counts()
+    assert counts["vision"][0] == 0  # every recipe keeps the tower frozen
+    assert counts["projector"][0] == counts["projector"][1]  # and trains the projector
+    if freeze.llm == "lora":
+        settings = module.llm_config.lora
+        assert (settings.r, settings.alpha, settings.target_modules) == (128, 256, "all-linear")
+        assert counts["llm"][0] == adapter == lora_parameters(llm_config, settings.r)
+    else:
+        assert counts["llm"][0] == {"frozen": 0, "full": counts["llm"][1]}[freeze.llm] and adapter == 0
+    # a checkpoint keeps everything that trains (the hub parts' frozen weights are rebuilt instead)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trained and trained <= kept_in_checkpoint(model, {"vision", "llm"})
+    groups = parameter_groups(model, module.optimizer_config)
+    assert {g["name"].split("/")[0]: g["lr"] for g in groups} == spec.lr
+    assert all(g["weight_decay"] == 0.0 for g in groups)
+
+
+def test_the_llava15_parts_have_the_papers_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The brief's numbers, spelled out once: 576 tokens, and 1024 -> 4096 mlp2 for 7B."""
+    model = build("llava15_7b/stage1_align", monkeypatch, None).model
+    assert model.vision.grid == (24, 24) and model.image_tokens == 576
+    assert _count(model.projector) == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
+    assert 6.6e9 < _count(model.llm) < 6.8e9 and 0.28e9 < _count(model.vision) < 0.31e9
+
+
+# ---- the data settings read LLaVA's own records ---------------------------------------------
+LCS_RECORD = {  # blip_laion_cc_sbu_558k.json's layout (a caption in demo-tokenizer words)
+    "id": "004539375",
+    "image": "00453/004539375.jpg",
+    "conversations": [
+        {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
+        {"from": "gpt", "value": "a red circle above a blue square"},
+    ],
+}
+MIX_RECORD = {  # llava_v1_5_mix665k.json's layout: a multi-turn chat about one image
+    "id": "000000033471",
+    "image": "coco/train2017/000000033471.jpg",
+    "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is the circle?"},
+        {"from": "gpt", "value": "It is red."},
+        {"from": "human", "value": "Where is the square?"},
+        {"from": "gpt", "value": "It is below the circle."},
+    ],
+}
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if SPECS[r].template != "chat_template"])
+def test_recipe_data_settings_read_llava_records(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stage 1 reads an LCS-558K record as its caption, stage 2 a mix665k chat with only the
+    replies supervised, each image padded to the tower's size and 576 tokens. (The Qwen
+    recipe's chat_template needs Qwen's tokenizer, which cannot be downloaded here.)"""
+    spec = SPECS[recipe]
+    init_state = stage1_checkpoint(spec.stage1, monkeypatch) if spec.stage1 else None
+    module = build(recipe, monkeypatch, init_state)
+    data = LlavaDataModule(**parsed(recipe)["data"])
+    data.spec = module.data_spec()  # what a Trainer would hand it
+    builder = data._builder(data.hparams.train_view)
+    tokenizer = module.tokenizer
+    record = LCS_RECORD if spec.template == "plain" else MIX_RECORD
+    (example,) = builder(record, [Image.new("RGB", (500, 375), (200, 30, 30))])
+    assert example.pixel_values.shape == (1, 3, 336, 336)
+    assert int((example.input_ids == module.image_token_id).sum()) == 576
+    supervised = example.labels[example.labels >= 0].tolist()
+    replies = [turn["value"] for turn in record["conversations"] if turn["from"] == "gpt"]
+    expected = [
+        i
+        for reply in replies
+        for i in tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ]
+    assert supervised == expected
+
+
+# ---- the two-stage sequence, run for real on a CPU with tiny parts ----------------------------
+TINY_PARTS = """
+trainer: {{accelerator: cpu, log_every_n_steps: 1}}
+model:
+  tokenizer: {demo}/tokenizer
+  vision:
+    name: null
+    config: {{model_type: clip_vision_model, image_size: 64, patch_size: 16, hidden_size: 32,
+             intermediate_size: 64, num_hidden_layers: 3, num_attention_heads: 2}}
+  llm:
+    name: null
+    config: {{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,
+             num_attention_heads: 2, num_key_value_heads: 2}}
+    lora: {{r: 4, alpha: 8}}
+data: {{train_shards: "{demo}/train-{{000000..000003}}.tar", samples_per_epoch: 32, batch_size: 4,
+       global_batch_size: 16, num_workers: 0, window_batches: 2}}
+"""
+
+
+def fit(recipe: str, tiny: Path, cwd: Path, *overrides: str) -> str:
+    """`python -m src.cli fit` as a user runs it (Lightning starts the extra processes itself)."""
+    command = [sys.executable, "-m", "src.cli", "fit", "--config", str(EXPERIMENTS / f"{recipe}.yaml")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [*command, "--config", str(tiny), *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_stage1_then_stage2_run_as_written_with_tiny_parts(tmp_path: Path) -> None:
+    """The recipes' own strategies, precision, callbacks, data settings and init_from path, with
+    only the parts, the data and the hardware made tiny (CPU processes instead of GPUs): stage 1
+    leaves final.ckpt where both stage-2 recipes look for it, they start from its projector, and
+    the FSDP2 recipe runs sharded over 2 processes and saves distributed checkpoints. (7B only:
+    the 13B recipes differ in hub ids and paths, which the tests above check.)"""
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(TINY_PARTS.format(demo=ROOT / "data_shards/demo"))
+    runs = tmp_path / "runs/llava15_7b"  # the recipes' run directories are relative to where they start
+    log = fit("llava15_7b/stage1_align", tiny, tmp_path, "--trainer.devices", "1")
+    assert "global batch 16 = 4 per device x 1 processes x 4 accumulation steps" in log
+    assert (runs / "stage1_align/checkpoints/final.ckpt").is_file()
+    loaded = "init_from runs/llava15_7b/stage1_align/checkpoints/final.ckpt: loaded"
+
+    log = fit("llava15_7b/stage2_lora", tiny, tmp_path, "--trainer.devices", "1")
+    assert loaded in log
+    assert (runs / "stage2_lora/checkpoints/final.ckpt").is_file()
+
+    log = fit("llava15_7b/stage2_finetune", tiny, tmp_path, "--trainer.devices", "2")
+    assert loaded in log and "FSDP2:" in log
+    assert "global batch 16 = 4 per device x 2 processes x 2 accumulation steps" in log
+    for name in ("final.ckpt", "last.ckpt"):  # distributed checkpoints: a folder, one shard per process
+        assert (runs / "stage2_finetune/checkpoints" / name / ".metadata").is_file()
