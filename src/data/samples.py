@@ -99,6 +99,12 @@ class ExampleBuilder:
         self.views = views
         self.blank_images = blank_images
 
+    @property
+    def draft_size(self) -> Callable[[int, int], tuple[int, int] | None] | None:
+        """What `decode_sample(raw, draft=...)` may reduce a large JPEG to for this builder's
+        image transform; None: decode at full size."""
+        return getattr(self.image_transform, "draft_size", None)
+
     def _reply_ids(self, reply: str) -> list[int]:
         """The supervised ids of a reply (end of turn included), as the template tokenizes it."""
         encoded = self.encoder.encode([{"from": "human", "value": "?"}, {"from": "gpt", "value": reply}], 0)
@@ -115,7 +121,7 @@ class ExampleBuilder:
         # each view becomes the same number of tokens, spliced in order at its image's tag
         views = [self.image_transform(image) for image in images]
         views = [v.unsqueeze(0) if v.dim() == 3 else v for v in views]
-        pixels = torch.cat(views) if views else None
+        pixels = (views[0] if len(views) == 1 else torch.cat(views)) if views else None
         counts = [v.shape[0] * self.encoder.image_tokens for v in views]
         examples = []
         chats = [

@@ -65,6 +65,17 @@ def count_samples(shards: list[str]) -> int | None:
     return sum(sizes.values()) if len(sizes) == len(shards) else None
 
 
+def _cat_shared(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat; in a DataLoader worker straight into shared memory, as torch's default_collate
+    does, so handing the batch to the main process copies nothing more."""
+    if get_worker_info() is None:
+        return torch.cat(tensors)
+    first = tensors[0]
+    rows = sum(t.shape[0] for t in tensors)
+    storage = first._typed_storage()._new_shared(sum(t.numel() for t in tensors), device=first.device)
+    return torch.cat(tensors, out=first.new(storage).view(rows, *first.shape[1:]))
+
+
 def collate(examples: list[Example], pad_id: int) -> dict:
     """Right-padded batch; all images of the batch stacked in sample order."""
     length = max(len(e.input_ids) for e in examples)
@@ -79,7 +90,7 @@ def collate(examples: list[Example], pad_id: int) -> dict:
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
-        "pixel_values": torch.cat(pixels) if pixels else None,
+        "pixel_values": _cat_shared(pixels) if pixels else None,
     }
     if any(e.mc is not None for e in examples):
         batch["mc_answer"] = torch.tensor([e.mc["answer"] if e.mc else -1 for e in examples])
@@ -290,9 +301,11 @@ class ShardStream(IterableDataset):
                 for _ in range(missing):
                     self.skips.skip("missing_in_shard", f"{url} holds {seen} of {self.expected[url]} samples")
 
-    def _read(self, raw: dict, builder: ExampleBuilder) -> list[Example]:
+    def _read(self, raw: dict, builder: ExampleBuilder, draft: bool = False) -> list[Example]:
+        """`draft`: decode large JPEGs at a reduced scale that still covers the transform's size
+        (training only: evaluation decodes at full size, as reference pipelines do)."""
         try:
-            record, images = decode_sample(raw)
+            record, images = decode_sample(raw, draft=builder.draft_size if draft else None)
             return builder(record, images)
         except SampleError as error:
             self.skips.skip(error.reason, f"{raw.get('__key__')} in {raw.get('__url__')}: {error}")
@@ -321,7 +334,7 @@ class ShardStream(IterableDataset):
 
         def read_next() -> list[Example]:
             reader = readers[mixer.draw()]
-            got = self._read(reader.next(), reader.source.builder)
+            got = self._read(reader.next(), reader.source.builder, draft=True)
             reader.usable += bool(got)
             return got
 

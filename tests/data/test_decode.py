@@ -1,7 +1,9 @@
-"""src.data.decode: only images, JSON and text are ever decoded; errors carry reasons."""
+"""src.data.decode: only images, JSON and text are ever decoded; errors carry reasons; large JPEGs
+may decode reduced (draft hint) within a tolerance, everything else exactly as before."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import pathlib
@@ -175,3 +177,148 @@ def test_skip_counter_counts_takes_and_logs_the_first_few(caplog):
         "skipped a sample (bad_json): j",
         "skipped a sample (bad_json): k",
     ]
+
+
+# ---- reduced (draft) JPEG decoding and the fast pad path ------------------------------------
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def photo_like(size: tuple[int, int], seed: int = 0, grey: bool = False, fmt: str = "JPEG") -> bytes:
+    """A smooth colour field, shapes and noise, encoded like a photo (JPEG quality 90)."""
+    from io import BytesIO
+
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    width, height = size
+    image = Image.fromarray(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(8):
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        box = (x, y, x + int(rng.integers(1, max(2, width // 2))), y + int(rng.integers(1, max(2, height // 2))))
+        draw.ellipse(box, fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(1.0)), dtype=np.float32)
+    pixels = np.clip(pixels + rng.normal(0, 5, (height, width, 1)), 0, 255).astype(np.uint8)
+    out = Image.fromarray(pixels)
+    buffer = BytesIO()
+    (out.convert("L") if grey else out).save(buffer, format=fmt, quality=90)
+    return buffer.getvalue()
+
+
+def pad_transform(size: int = 336):
+    from src.model.vision import ImageTransform
+
+    return ImageTransform(size, CLIP_MEAN, CLIP_STD, mode="pad")
+
+
+def levels(a, b):
+    """Absolute differences of two normalised CLIP tensors, in 8-bit levels."""
+    import torch
+
+    return (a - b).abs() * torch.tensor(CLIP_STD).view(3, 1, 1) * 255
+
+
+@pytest.mark.parametrize(
+    ("size", "reduced", "p99"),
+    [((800, 600), (400, 300), 8), ((1024, 768), (512, 384), 8), ((600, 800), (300, 400), 8),
+     ((700, 525), (350, 263), 35), ((1400, 1050), (350, 263), 40), ((2800, 1400), (350, 175), 40)],
+)  # fmt: skip
+def test_the_draft_hint_decodes_large_jpegs_smaller_and_close(size, reduced, p99):
+    """At least twice the size the transform resamples to: decoded at 1/2, 1/4 or 1/8 scale, never
+    below that size, and the view close to the full decode's. The DCT-domain reduction is a
+    different low-pass than bicubic: a level or two on average, more at sharp edges, most when
+    the reduced image is barely larger than the view (700 px -> 350 -> 336) or reduced 1/4, 1/8."""
+    transform = pad_transform()
+    data = photo_like(size)
+    full, small = decode_image(data), decode_image(data, draft=transform.draft_size)
+    assert full.size == size and small.size == reduced and small.mode == "RGB"
+    wanted = transform.draft_size(*size)
+    assert small.width >= wanted[0] and small.height >= wanted[1]
+    diff = levels(transform(small)[0], transform(full)[0]).flatten()
+    assert diff.mean() < 2.5
+    assert diff.quantile(0.99) < p99
+
+
+@pytest.mark.parametrize("size", [(640, 480), (671, 600), (336, 336), (100, 80), (480, 640)])
+def test_the_draft_hint_leaves_smaller_jpegs_exact(size):
+    """Under twice the target in either side: decoded exactly as without the hint."""
+    transform = pad_transform()
+    data = photo_like(size, seed=1)
+    plain, hinted = decode_image(data), decode_image(data, draft=transform.draft_size)
+    assert hinted.size == plain.size == size
+    assert hinted.tobytes() == plain.tobytes()
+
+
+def test_the_draft_hint_leaves_other_formats_and_no_answer_alone():
+    transform = pad_transform()
+    png = photo_like((1200, 900), fmt="PNG")
+    assert decode_image(png, draft=transform.draft_size).tobytes() == decode_image(png).tobytes()
+    jpeg = photo_like((1200, 900))
+    assert decode_image(jpeg, draft=lambda w, h: None).tobytes() == decode_image(jpeg).tobytes()
+
+
+def test_a_grey_jpeg_decodes_reduced_and_rgb():
+    image = decode_image(photo_like((1000, 800), grey=True), draft=pad_transform().draft_size)
+    assert image.mode == "RGB" and image.size == (500, 400)
+
+
+def test_decode_sample_hands_the_hint_to_every_image():
+    transform = pad_transform()
+    raw = {
+        "json": json.dumps(RECORD).encode(),
+        "jpg": photo_like((1024, 768)),
+        "1.png": photo_like((900, 700), fmt="PNG"),
+    }
+    _, full = decode_sample(raw)
+    _, hinted = decode_sample(raw, draft=transform.draft_size)
+    assert [i.size for i in full] == [(1024, 768), (900, 700)]
+    assert [i.size for i in hinted] == [(512, 384), (900, 700)]
+
+
+def test_draft_size_per_image_mode():
+    from src.model.vision import ImageTransform
+
+    assert ImageTransform(336, CLIP_MEAN, CLIP_STD).draft_size(1024, 768) == (336, 336)
+    assert pad_transform().draft_size(1024, 768) == (336, 252)
+    assert pad_transform().draft_size(500, 1000) == (168, 336)
+    assert ImageTransform(336, CLIP_MEAN, CLIP_STD, mode="resize_crop").draft_size(1024, 768) == (448, 336)
+    assert ImageTransform(336, CLIP_MEAN, CLIP_STD, mode="anyres").draft_size(1024, 768) is None
+
+
+@pytest.mark.parametrize(
+    ("size", "target", "fill"),
+    [((640, 480), 336, None), ((480, 640), 336, None), ((500, 500), 336, None), ((1000, 90), 64, (0, 255, 7)),
+     ((50, 30), 64, (9, 9, 9)), ((33, 20), 16, None)],
+)  # fmt: skip
+def test_the_pad_transform_equals_pad_then_resize_bit_for_bit(size, target, fill):
+    """The pad mode skips the fill rows' horizontal pass; the pixels must not change."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from src.model.vision import ImageTransform, expand_to_square
+
+    transform = ImageTransform(target, CLIP_MEAN, CLIP_STD, mode="pad", fill=fill)
+    image = Image.open(io.BytesIO(photo_like(size, seed=2)))
+    square = expand_to_square(image.convert("RGB"), transform.fill_colour)
+    resized = np.asarray(square.resize((target, target), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
+    expected = (resized - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    assert torch.equal(transform(image), torch.from_numpy(expected).permute(2, 0, 1)[None])
+
+
+def test_the_normalisation_is_bit_exact_for_every_byte_value():
+    """(x / 255 - mean) / std in float32, as the reference computes it, for all 256 values."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from src.model.vision import ImageTransform
+
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    image = Image.fromarray(np.stack([values, values[::-1], values.T], axis=-1))
+    out = ImageTransform(16, CLIP_MEAN, CLIP_STD)(image)  # same size: resize copies the pixels
+    as_float = np.asarray(image, dtype=np.float32) / 255.0
+    expected = (as_float - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    assert out.is_contiguous() and torch.equal(out, torch.from_numpy(expected).permute(2, 0, 1)[None])
