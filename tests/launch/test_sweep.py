@@ -1,0 +1,299 @@
+"""Sweeps (src/launch/sweep.py): specs, names, run configs, SLURM arrays through a fake launcher, and
+the demo sweep end to end on the CPU: plan, run --local, a rerun that skips every run, collect."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from src.launch import sweep as sw
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_SPEC = ROOT / "experiments/sweeps/demo_projectors.yaml"
+PROJECTORS_SPEC = ROOT / "experiments/sweeps/projectors.yaml"
+ALL_PROJECTORS = {"linear", "mlp", "pixel_shuffle", "avgpool", "resampler", "c_abstractor", "ldp"}
+
+
+def _spec(tmp_path: Path, **extra) -> sw.Sweep:
+    raw = {
+        "base": ["lightning_config.yaml"],
+        "grid": {
+            "model.projector": [
+                {"name": "linear"},
+                {"name": "pixel_shuffle", "kwargs": {"factor": 2}},
+                {"name": "ldp"},
+            ],
+            "seed_everything": [0, 1],
+        },
+        "overrides": {"trainer": {"max_steps": 5}, "data.seed": "${seed_everything}"},
+        "out": str(tmp_path / "sweep"),
+        **extra,
+    }
+    return sw.load_spec(raw, cwd=ROOT)
+
+
+def test_plan_is_the_grid_in_order_named_by_its_values(tmp_path: Path) -> None:
+    sweep = _spec(tmp_path)
+    runs = sw.plan(sweep)
+    assert [r.name for r in runs] == [
+        f"projector={p}-seed={s}" for p in ("linear", "pixel_shuffle", "ldp") for s in (0, 1)
+    ]
+    assert [r.index for r in runs] == list(range(6))
+    assert runs[2].labels == {"projector": "pixel_shuffle", "seed": "0"}
+    assert runs[2].path == tmp_path / "sweep" / "projector=pixel_shuffle-seed=0"
+    assert sw.plan(sweep) == runs  # stable
+
+
+def test_names_tell_apart_values_that_share_a_name_and_stay_filesystem_safe() -> None:
+    values = [{"name": "mlp", "kwargs": {"depth": 1}}, {"name": "mlp", "kwargs": {"depth": 3}}, {"name": "linear"}]
+    assert sw.value_labels(values) == ["mlp_depth1", "mlp_depth3", "linear"]
+    assert sw.value_labels([[0.9, 0.95], [0.9, 0.999]]) == ["0.9_0.95", "0.9_0.999"]
+    assert sw.value_labels(["a/b c", "a/b c"]) == ["a_b_c_0", "a_b_c_1"]
+    assert sw.column_labels(["model.optimizer.lr", "seed_everything", "a.width", "b.width"]) == {
+        "model.optimizer.lr": "lr",
+        "seed_everything": "seed",
+        "a.width": "a.width",  # two keys would share `width`: both keep their whole key
+        "b.width": "b.width",
+    }
+
+
+def test_random_draws_are_reproducible_in_range_and_crossed_with_the_grid(tmp_path: Path) -> None:
+    space = {
+        "model.optimizer.lr": {"log_uniform": [1e-5, 1e-3]},
+        "model.optimizer.warmup_steps": {"int_uniform": [1, 9]},
+    }
+    sweep = _spec(tmp_path, random={"n": 3, "seed": 7, "space": space})
+    runs = sw.plan(sweep)
+    assert len(runs) == 6 * 3
+    first = [r.values for r in runs[:3]]
+    assert [r.values["model.optimizer.lr"] for r in runs[3:6]] == [v["model.optimizer.lr"] for v in first]
+    for r in runs:
+        assert 1e-5 <= r.values["model.optimizer.lr"] <= 1e-3
+        assert 1 <= r.values["model.optimizer.warmup_steps"] <= 9
+        assert f"lr={sw.compact(r.values['model.optimizer.lr'])}" in r.name
+    assert [r.values for r in sw.plan(sweep)] == [r.values for r in runs]
+    other = sw.plan(_spec(tmp_path, random={"n": 3, "seed": 8, "space": space}))
+    assert [r.values for r in other] != [r.values for r in runs]
+
+
+def test_run_config_replaces_swept_keys_and_points_into_the_run_folder(tmp_path: Path) -> None:
+    sweep = _spec(tmp_path)
+    run = sw.plan(sweep)[5]  # ldp, seed 1
+    config = sw.run_config(sweep, run)
+    assert config["model"]["projector"] == {"name": "ldp"}  # replaced: the base mlp's kwargs are gone
+    assert config["seed_everything"] == 1 and config["data"]["seed"] == 1  # the interpolation resolved
+    assert config["trainer"]["max_steps"] == 5
+    assert config["trainer"]["default_root_dir"] == str(run.path)
+    checkpoints = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+    assert checkpoints and all(c["init_args"]["dirpath"] == str(run.path / "checkpoints") for c in checkpoints)
+    assert config["trainer"]["logger"]["init_args"] == {"save_dir": str(run.path), "name": "logs", "version": "fit"}
+    assert sw.wants_test(None, config) and not sw.wants_test(False, config)
+
+
+def test_spec_errors_say_what_to_change(tmp_path: Path) -> None:
+    ok = {"base": "lightning_config.yaml", "grid": {"seed_everything": [0]}, "out": str(tmp_path)}
+    cases = [
+        ({**ok, "gird": {}}, "unknown sweep spec key"),
+        ({**ok, "base": "nope.yaml"}, "not found"),
+        ({**ok, "grid": {"seed_everything": []}}, "non-empty list"),
+        ({**ok, "grid": {}}, "needs `grid` or `random`"),
+        ({**ok, "random": {"n": 2, "space": {"x": {"normal": [0, 1]}}}}, "one of"),
+        ({**ok, "random": {"n": 2, "space": {"x": {"log_uniform": [0, 1]}}}}, "low > 0"),
+        ({k: v for k, v in ok.items() if k != "out"}, "needs `out`"),
+    ]
+    for raw, message in cases:
+        with pytest.raises(sw.SweepError, match=message):
+            sw.load_spec(raw, cwd=ROOT)
+    typo = sw.load_spec({**ok, "grid": {"modle.projector": [{"name": "linear"}]}}, cwd=ROOT)
+    with pytest.raises(sw.SweepError, match="modle"):
+        sw.prepare(typo, sw.plan(typo))
+
+
+def test_array_ranges() -> None:
+    assert sw.array_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert sw.array_ranges([3]) == "3"
+    assert sw.array_ranges([4, 2, 3, 3]) == "2-4"
+
+
+def test_prepare_writes_the_folders_and_guards_changed_configs(tmp_path: Path, capsys) -> None:
+    sweep = _spec(tmp_path)
+    runs = sw.plan(sweep)
+    statuses = sw.prepare(sweep, runs)
+    assert set(statuses.values()) == {"pending"}
+    assert (sweep.out / "runs.txt").read_text().splitlines() == [str(r.path) for r in runs]
+    assert yaml.safe_load((runs[0].path / "config.yaml").read_text())["model"]["projector"] == {"name": "linear"}
+    (runs[0].path / "DONE").write_text("{}")
+    (runs[1].path / "checkpoints").mkdir()
+    (runs[1].path / "checkpoints" / "last.ckpt").write_text("")
+    assert sw.status(runs[0].path) == "done" and sw.status(runs[1].path) == "partial"
+    changed = _spec(tmp_path, overrides={"trainer": {"max_steps": 7}})
+    with pytest.raises(sw.SweepError, match="checkpoints of a different config"):
+        sw.prepare(changed, sw.plan(changed))
+    assert "is done with a different config" in capsys.readouterr().out
+    assert "max_steps: 5" in (runs[0].path / "config.yaml").read_text()  # a finished run's config is kept
+
+
+# ---- SLURM: src.launch.slurm's render, with submit replaced ---------------------------------------
+
+
+def _srun_line(script: str) -> str:
+    (line,) = [line for line in script.splitlines() if line.startswith("srun ")]
+    return line
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_slurm_submits_one_array_over_the_unfinished_runs(tmp_path: Path, monkeypatch) -> None:
+    from src.launch import slurm
+
+    submitted = []
+    monkeypatch.setattr(slurm, "submit", lambda script, run_dir: submitted.append((script, run_dir)) or "4242")
+    sweep = _spec(tmp_path, overrides={"trainer": {"devices": 2, "num_nodes": 2}})
+    runs = sw.plan(sweep)
+    sw.prepare(sweep, runs)
+    for done in (runs[1], runs[2]):
+        (done.path / "DONE").write_text("{}")
+    assert sw.run_slurm(sweep, runs, {"partition": "big", "time": "02:00:00"}) == ["4242"]
+    ((script, run_dir),) = submitted
+    assert run_dir == sweep.out
+    for line in ("--array=0,3-5", "--nodes=2", "--ntasks-per-node=2", "--partition=big", "--time=02:00:00"):
+        assert f"#SBATCH {line}" in script
+    assert "4242\t0,3-5" in (sweep.out / "slurm_jobs.txt").read_text()
+    # the array task's command: its index picks line i of runs.txt, whatever the shell quoting
+    srun = _srun_line(script)
+    assert "src.launch.sweep run-one" in srun and "src.cli" not in srun
+    words = srun.split(" python ", 1)[1]
+    echoed = subprocess.run(
+        ["bash", "-c", f"printf '%s\\n' {words}"], env={**os.environ, "SLURM_ARRAY_TASK_ID": "3"},
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert echoed == ["-m", "src.launch.sweep", "run-one", "--sweep", str(sweep.out), "--index", "3"]
+    assert (sweep.out / "runs.txt").read_text().splitlines()[3] == str(runs[3].path)
+    assert sw.run_one(sweep.out, 1) == "done"  # a finished run: nothing to do
+
+    # --dry-run through the command line: the script is printed, nothing is submitted
+    settings = tmp_path / "cluster.yaml"
+    settings.write_text("slurm:\n  partition: small\n  setup: [source .venv/bin/activate]\n")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), monkeypatch.context() as m:
+        m.chdir(ROOT)
+        code = sw.main(["run", str(DEMO_SPEC), "--slurm", "--slurm-config", str(settings), "--dry-run",
+                        "--out", str(tmp_path / "demo"), "--max-parallel", "3"])  # fmt: skip
+    printed = out.getvalue()
+    assert code == 0 and len(submitted) == 1, printed
+    for line in ("--array=0-7%3", "--nodes=1", "--ntasks-per-node=1", "--partition=small", "--job-name=sweep-demo"):
+        assert f"#SBATCH {line}" in printed
+    assert "source .venv/bin/activate" in printed and "run-one --sweep" in printed
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_the_projector_ablation_spec_plans_7_projectors_x_3_seeds_and_every_config_parses(tmp_path: Path) -> None:
+    from src.cli import main as cli_main
+
+    sweep = sw.load_spec(PROJECTORS_SPEC, out=tmp_path / "projectors", cwd=ROOT)
+    runs = sw.plan(sweep)
+    assert len(runs) == 21
+    assert {r.labels["projector"] for r in runs} == ALL_PROJECTORS
+    assert {r.labels["seed"] for r in runs} == {"0", "1", "2"}
+    sw.prepare(sweep, runs)
+    for run in runs:
+        if run.labels["seed"] != "0":
+            continue
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+            cli_main(["fit", "--config", str(run.path / "config.yaml"), "--print_config"])
+        assert exit_info.value.code in (0, None), out.getvalue()[-2000:]
+        config = yaml.safe_load(out.getvalue())
+        assert config["model"]["projector"]["name"] == run.labels["projector"]
+        assert config["data"]["seed"] == 0 and config["data"]["val_shards"]
+        dirs = [c["init_args"]["dirpath"] for c in config["trainer"]["callbacks"] if "dirpath" in c["init_args"]]
+        assert dirs and all(d == str(run.path / "checkpoints") for d in dirs)  # not the recipe's shared folder
+
+
+# ---- end to end on the CPU ----------------------------------------------------------------------
+
+
+def _sweep_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    # one thread per run: tiny models on a shared 2-core machine run about twice as fast so
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "src.launch.sweep", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env=env,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_demo_sweep_runs_skips_when_rerun_and_collects(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    planned = _sweep_cli("plan", str(DEMO_SPEC), "--out", str(out))
+    assert planned.returncode == 0, planned.stderr
+    names = [line.split()[1] for line in planned.stdout.splitlines()[1:]]
+    assert len(names) == 8 and all(n.startswith("projector=") for n in names)
+
+    ran = _sweep_cli("run", str(DEMO_SPEC), "--local", "--out", str(out))
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    for name in names:
+        assert (out / name / "DONE").is_file(), (out / name / "run.log").read_text()[-3000:]
+        assert (out / name / "config.yaml").is_file() and (out / name / "facts.json").is_file()
+
+    started = time.perf_counter()
+    again = _sweep_cli("run", str(DEMO_SPEC), "--local", "--out", str(out))
+    assert again.returncode == 0 and "8 done, 0 to run" in again.stdout, again.stdout + again.stderr
+    assert time.perf_counter() - started < 30  # no run started: no model, no Lightning
+
+    collected = _sweep_cli("collect", str(out))
+    assert collected.returncode == 0, collected.stderr
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == names
+    assert {r["projector"] for r in rows} >= {"linear", "mlp", "pixel_shuffle"} and len(
+        {r["projector"] for r in rows}
+    ) == 4
+    assert {r["seed"] for r in rows} == {"0", "1"}
+    for row in rows:
+        assert row["status"] == "done"
+        for column in sw.NUMERIC:
+            assert row[column] != "", (row["run"], column)
+            value = float(row[column])
+            assert value == value and value >= 0, (row["run"], column)
+        assert 0.0 <= float(row["test_accuracy"]) <= 1.0 and float(row["train_loss"]) > 0
+        tokens = {"linear": 4, "mlp": 4, "pixel_shuffle": 1, "ldp": 1}[row["projector"]]  # a 2x2 patch grid
+        assert float(row["image_tokens_per_sample"]) == pytest.approx(tokens)
+        assert int(row["steps"]) == 6
+    by_projector = {r["projector"]: int(r["trainable_params"]) for r in rows}
+    assert by_projector["linear"] < by_projector["mlp"]  # a second layer of 128 x 128
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0].startswith("| run | projector | seed |") and len(table) == 2 + len(names)
+    assert "± " in (out / "summary.md").read_text()
+    with Image.open(out / "loss_curves.png") as image:
+        image.load()
+        assert image.size[0] >= 600 and image.size[1] >= 300
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50  # curves, bands, text: not blank
+
+
+@pytest.mark.slow
+def test_a_failing_run_is_recorded_and_the_table_shows_it(tmp_path: Path) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(
+        "base: [lightning_config.yaml]\n"
+        "grid: {model.projector: [{name: pixel_shuffle, kwargs: {factor: 3}}]}\n"  # 3 does not divide 2x2
+        f"out: {tmp_path / 'bad'}\n"
+    )
+    ran = _sweep_cli("run", str(spec), "--local")
+    assert ran.returncode == 1 and "FAILED" in ran.stdout, ran.stdout + ran.stderr
+    run_dir = tmp_path / "bad" / "projector=pixel_shuffle"
+    assert "does not divide" in (run_dir / "FAILED").read_text()
+    assert sw.status(run_dir) == "failed"
+    sw.collect(tmp_path / "bad", plot=False)
+    with open(tmp_path / "bad" / "results.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["status"] == "failed" and row["train_loss"] == ""
