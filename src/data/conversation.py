@@ -123,14 +123,10 @@ class PlainTemplate(Template):
         return [[(tags, False), (gpt.strip(), True)]]
 
 
-@TEMPLATES.register("vicuna_v1")
-class VicunaTemplate(Template):
-    """LLaVA-1.5's format: `SYSTEM USER: q ASSISTANT: a</s>USER: ...`."""
+class SystemPromptTemplate(Template):
+    """A template with a system prompt: `DEFAULT_SYSTEM` unless one is given ("" drops it)."""
 
-    DEFAULT_SYSTEM = (
-        "A chat between a curious human and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the human's questions."
-    )
+    DEFAULT_SYSTEM = ""
 
     def __init__(self, system: str | None = None) -> None:
         self.system = self.DEFAULT_SYSTEM if system is None else system
@@ -138,6 +134,16 @@ class VicunaTemplate(Template):
     @classmethod
     def build(cls, system: str | None, tokenizer) -> Template:
         return cls(system)
+
+
+@TEMPLATES.register("vicuna_v1")
+class VicunaTemplate(SystemPromptTemplate):
+    """LLaVA-1.5's format: `SYSTEM USER: q ASSISTANT: a</s>USER: ...`."""
+
+    DEFAULT_SYSTEM = (
+        "A chat between a curious human and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    )
 
     def render(self, turns: list[tuple[str, str]]) -> list[list[Segment]]:
         rendered = []
@@ -148,7 +154,7 @@ class VicunaTemplate(Template):
 
 
 @TEMPLATES.register("llama2")
-class Llama2Template(Template):
+class Llama2Template(SystemPromptTemplate):
     r"""LLaVA's `llava_llama_2` format, which is Llama-2-chat's:
     `<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{q1} [/INST] {a1} </s><s>[INST] {q2} [/INST] {a2} </s>`.
 
@@ -166,13 +172,6 @@ class Llama2Template(Template):
     adds_bos = False
     appends_end_token = False
     control_tokens = ("<s>", "</s>")
-
-    def __init__(self, system: str | None = None) -> None:
-        self.system = self.DEFAULT_SYSTEM if system is None else system
-
-    @classmethod
-    def build(cls, system: str | None, tokenizer) -> Template:
-        return cls(system)
 
     def render(self, turns: list[tuple[str, str]]) -> list[list[Segment]]:
         rendered = []
