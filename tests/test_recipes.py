@@ -94,10 +94,15 @@ SPECS: dict[str, Spec] = {
         llm_params=(0.49e9, 0.50e9),
     ),
 }
-RECIPES = sorted(  # training configs; sweep specs (experiments/sweeps) are tested in tests/launch
+NOT_TRAINING = {  # their own tests load them
+    "sweeps",  # sweep specs: tests/launch
+    "instruct",  # teacher settings for python -m src.instruct: tests/instruct
+    "eval",  # judge settings: tests/eval
+}
+RECIPES = sorted(  # training configs
     str(p.relative_to(EXPERIMENTS).with_suffix(""))
     for p in EXPERIMENTS.rglob("*.yaml")
-    if "sweeps" not in p.relative_to(EXPERIMENTS).parts
+    if not NOT_TRAINING & set(p.relative_to(EXPERIMENTS).parts)
 )
 
 

@@ -1,0 +1,3 @@
+from src.instruct.cli import main
+
+main()

@@ -1,0 +1,113 @@
+"""Instruction data from captions and boxes, written by any OpenAI-compatible teacher.
+
+    python -m src.instruct --config experiments/instruct/local_vllm.yaml
+    OPENAI_API_KEY=... python -m src.instruct --coco-captions captions_train2017.json \\
+        --coco-instances instances_train2017.json --images coco/train2017 --out runs/instruct/coco \\
+        --base-url https://api.openai.com/v1 --model gpt-4o-mini --limit 100
+
+Every setting is a YAML key (`--config`) and a flag; flags win. Outputs in --out: ledger.jsonl
+(finished work: rerunning the same command resumes), {prefix}.json (LLaVA records),
+shards/{prefix}-NNNNNN.tar (+ sizes.json), summary.json and config.yaml (the settings, with the
+key's environment variable name but never the key). See docs/instruct.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from src.instruct.client import ChatClient, ChatConfig, ChatError
+from src.instruct.config import GenerateConfig, add_arguments, build_config, save_config
+from src.instruct.generate import FatalError, generate
+from src.instruct.ledger import Ledger
+from src.instruct.output import format_summary, summarize, write_outputs
+from src.instruct.prompts import build_messages, load_kind
+from src.instruct.sources import CocoSource, RecordSource, ShardSource, Source
+
+log = logging.getLogger("src.instruct")
+
+
+def make_source(config: GenerateConfig) -> Source:
+    if config.coco_captions:
+        return CocoSource(config.coco_captions, config.coco_instances, config.images)
+    if config.records:
+        return RecordSource(config.records, config.images, config.boxes_normalized)
+    return ShardSource(config.shards, config.boxes_normalized)
+
+
+def run(config: GenerateConfig) -> dict:
+    """Generate what the ledger lacks, then write the outputs and the summary; returns the summary.
+
+    Raises ValueError for bad settings or input files and FatalError when the teacher refuses
+    every request (bad key, unknown model); the ledger keeps what was finished either way."""
+    config.check()
+    specs = {kind: load_kind(kind, config.prompts) for kind in config.kinds}
+    source = make_source(config)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    with Ledger(out / "ledger.jsonl") as ledger:
+
+        async def main():
+            async with ChatClient(config.teacher) as client:
+                return await generate(config, source, specs, ledger, client), client.usage
+
+        stats, usage = asyncio.run(main())
+        skips = dict(sorted(source.skips.total.items()))
+        outputs = write_outputs(config, source, ledger)
+        summary = summarize(config, ledger, stats, usage, outputs, skips)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def preview(config: GenerateConfig, items: int = 1) -> str:
+    """The requests the first `items` images would send, one per kind, as text: for checking
+    prompts and box rendering before paying for a run. Sends nothing, writes nothing."""
+    config.check()
+    specs = {kind: load_kind(kind, config.prompts) for kind in config.kinds}
+    blocks = []
+    for index, item in enumerate(make_source(config)):
+        if index >= items:
+            break
+        for kind in config.kinds_for(index):
+            messages = build_messages(specs[kind], item, config.decimals)
+            blocks.append(f"######## image {item.id} ({item.image}), {kind}: {len(messages)} messages")
+            blocks.extend(f"--- {m['role']}\n{m['content']}" for m in messages)
+    return "\n".join(blocks) if blocks else "no usable image in the input"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m src.instruct", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", type=Path, default=None, help="YAML file of settings (flags override it)")
+    parser.add_argument("--verbose", action="store_true", help="log every retry and rejected reply")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the requests for the first image and stop: nothing is sent"
+    )
+    add_arguments(parser, GenerateConfig)
+    add_arguments(parser, ChatConfig, group="teacher")
+    args = parser.parse_args(argv)
+    verbose, dry_run = args.__dict__.pop("verbose"), args.__dict__.pop("dry_run")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    if verbose:  # ours only: the HTTP libraries' debug logs are of no use here
+        logging.getLogger("src").setLevel(logging.DEBUG)
+    try:
+        config = build_config(args)
+        if dry_run:
+            print(preview(config))
+            return
+        summary = run(config)
+    except (ValueError, FileNotFoundError, ChatError) as error:
+        parser.exit(2, f"error: {error}\n")
+    except FatalError as error:
+        parser.exit(3, f"error: the teacher refused the request, stopping: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "interrupted; finished samples are in the ledger, rerun the same command to resume\n")
+    print(format_summary(summary), file=sys.stdout)
+    print(f"summary: {Path(config.out) / 'summary.json'}")
