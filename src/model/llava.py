@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from src.data.conversation import IGNORE_INDEX
 from src.model.language import lm_logits
+from src.model.loss import DEFAULT_CHUNK_SIZE, chunked_cross_entropy
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -68,6 +68,9 @@ def _dtype_of(module: nn.Module, default: torch.dtype) -> torch.dtype:
 
 
 class LlavaModel(nn.Module):
+    loss_chunk_size: int = DEFAULT_CHUNK_SIZE
+    """Supervised positions per chunk of the loss: their logits exist one chunk at a time (`src.model.loss`)."""
+
     def __init__(self, vision: nn.Module, projector: nn.Module, llm: nn.Module, image_token_id: int) -> None:
         super().__init__()
         self.vision = vision
@@ -153,15 +156,18 @@ class LlavaModel(nn.Module):
         """Mean cross-entropy over supervised tokens; logits exist only at those positions.
 
         Most positions of a LLaVA batch are image or prompt tokens: projecting them all to
-        the vocabulary would cost memory and time for nothing.
+        the vocabulary would cost memory and time for nothing. Even those are computed a
+        chunk at a time and recomputed in backward, so no (tokens x vocab) tensor is kept.
         """
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         count = int(keep.sum())
         if count == 0:
             return hidden.sum() * 0.0, 0  # keeps the graph (and DDP) whole
-        logits = lm_logits(self.llm, hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), targets[keep]), count
+        loss = chunked_cross_entropy(
+            hidden[:, :-1][keep], targets[keep], lambda h: lm_logits(self.llm, h), self.loss_chunk_size
+        )
+        return loss, count
 
     def logits_at(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Next-token logits at one position per row: (batch,) -> (batch, vocab)."""
