@@ -353,3 +353,35 @@ class ConversationEncoder:
         if images_kept != num_images:
             raise SampleError("too_long", f"truncation to max_length={self.max_length} would drop an image")
         return Encoded(input_ids, labels, num_images)
+
+    def encode_prompt(self, messages: list[dict], num_images: int, image_tokens: list[int] | None = None) -> Encoded:
+        """A chat ending with a human turn, as the model sees it before replying: earlier turns in
+        full, then the last question with the template's generation prompt (`ASSISTANT:`,
+        `[/INST]`, a chat template's assistant header). No label is supervised.
+
+        The template renders the last turn with a placeholder reply, and everything before that
+        reply is the prompt, so generation starts exactly where training supervised the reply.
+        """
+        if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+            raise SampleError("empty_conversation", "the prompt has no messages")
+        if messages[-1].get("from") not in ("human", "user"):
+            raise SampleError("bad_conversation", "a prompt must end with a human turn")
+        turns = to_turns([*messages, {"from": "gpt", "value": "reply"}])
+        tags = sum(h.count(IMAGE_TAG) + g.count(IMAGE_TAG) for h, g in turns)
+        if tags != num_images:
+            raise SampleError("image_tag_mismatch", f"{tags} {IMAGE_TAG} tags but {num_images} images")
+        counts = [self.image_tokens] * num_images if image_tokens is None else list(image_tokens)
+        bos = self.tokenizer.bos_token_id
+        input_ids: list[int] = [bos] if self.template.adds_bos and bos is not None else []
+        rendered = self.template.render(turns)
+        for i, segments in enumerate(rendered):
+            for text, supervised in segments:
+                if supervised and i == len(rendered) - 1:
+                    break  # the placeholder reply: the prompt ends before it
+                ids = self._ids(text, counts)
+                if supervised and self.template.appends_end_token:
+                    ids = ids + [self.tokenizer.eos_token_id]
+                input_ids += ids
+        if len(input_ids) > self.max_length:
+            raise SampleError("too_long", f"the prompt has {len(input_ids)} tokens, max_length={self.max_length}")
+        return Encoded(input_ids, [IGNORE_INDEX] * len(input_ids), num_images)

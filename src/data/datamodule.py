@@ -17,9 +17,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from src.data.conversation import MC_FORMATS, TEMPLATES, ConversationEncoder, build_template
-from src.data.samples import IMAGE_POSITIONS, VIEWS, ExampleBuilder
+from src.data.samples import IMAGE_POSITIONS, PROMPT_VIEW, VIEWS, ExampleBuilder
 from src.data.stream import (  # noqa: F401  (re-exported: the data API in one place)
     BATCHING,
+    JsonSamples,
     ShardStream,
     StreamSource,
     collate,
@@ -81,6 +82,9 @@ class LlavaDataModule(LightningDataModule):
         window_batches: int = 8,
         pack_length: int | None = None,
         global_batch_size: int | None = None,
+        predict_shards: str | list[str] | None = None,
+        predict_json: str | None = None,
+        predict_images: str | None = None,
     ) -> None:
         """
         Args:
@@ -116,6 +120,11 @@ class LlavaDataModule(LightningDataModule):
             pack_length: tokens per packed row (`batching: pack`); default: max_length.
             global_batch_size: examples per optimizer step over all ranks; gradient accumulation is set
                 to global / (batch_size x devices x nodes), so a recipe keeps its batch on any cluster.
+            predict_shards: shards `predict` answers: each sample's `conversations` without its last
+                gpt turn is the prompt (that turn, if any, is the reference); read once, split across
+                processes and workers by sample index.
+            predict_json: instead of predict_shards, a LLaVA-format JSON list or JSONL file.
+            predict_images: the image folder of predict_json's relative paths (default: the JSON's folder).
         """
         super().__init__()
         for view in [eval_view, *([train_view] if isinstance(train_view, str) else train_view)]:
@@ -130,6 +139,8 @@ class LlavaDataModule(LightningDataModule):
             raise ValueError(f"unknown batching {batching!r}; choose one of {list(BATCHING)}")
         if train_shards is not None and train_mixture:
             raise ValueError("set data.train_shards or data.train_mixture, not both")
+        if predict_shards is not None and predict_json is not None:
+            raise ValueError("set data.predict_shards or data.predict_json, not both")
         self.mixture = [m if isinstance(m, MixtureSource) else MixtureSource(**m) for m in train_mixture or []]
         for source in self.mixture:
             views = [source.view] if isinstance(source.view, str) else source.view or []
@@ -321,6 +332,21 @@ class LlavaDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.hparams.test_shards, "test_shards")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The `prompt` view of predict_shards or predict_json: batches of prompts with `meta`
+        (id, prompt text, reference, index) per row."""
+        hp = self.hparams
+        if hp.predict_shards is None and hp.predict_json is None:
+            raise ValueError("data.predict_shards or data.predict_json is not set (the samples `predict` answers)")
+        rank, world = self._rank()
+        json_source = JsonSamples(hp.predict_json, hp.predict_images) if hp.predict_json is not None else None
+        shards = [str(hp.predict_json)] if json_source is not None else expand_shards(hp.predict_shards)
+        stream = ShardStream(
+            shards, self._builder(PROMPT_VIEW), hp.eval_batch_size or hp.batch_size, self._pad_id(),
+            rank=rank, world_size=world, raw_source=json_source,
+        )  # fmt: skip
+        return self._loader(stream, persistent=False)
 
     def _pad_id(self) -> int:
         tokenizer = self._spec()["tokenizer"]

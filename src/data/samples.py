@@ -24,6 +24,7 @@ from src.data.conversation import (
 )
 
 VIEWS = ("conversations", "caption", "mc")
+PROMPT_VIEW = "prompt"  # prediction: the chat without its last reply, which becomes the reference
 BLANK_GREY = (128, 128, 128)
 
 
@@ -33,6 +34,7 @@ class Example:
     labels: torch.Tensor
     pixel_values: torch.Tensor | None  # (views of all images, 3, H, W); one view per image unless tiled
     mc: dict | None = field(default=None)  # candidates, answer, type, format for multiple choice
+    meta: dict | None = field(default=None)  # prediction: id, prompt (text), reference; the stream adds key, index
 
 
 IMAGE_POSITIONS = ("first", "last")
@@ -89,7 +91,7 @@ class ExampleBuilder:
         self.image_position = image_position
         views = [view] if isinstance(view, str) else list(view)
         for name in views:
-            if name not in VIEWS:
+            if name not in (*VIEWS, PROMPT_VIEW):
                 raise ValueError(f"unknown view {name!r}; choose one of {list(VIEWS)}")
         if mc_format not in MC_FORMATS:
             raise ValueError(f"unknown multiple-choice format {mc_format!r}; choose one of {list(MC_FORMATS)}")
@@ -123,6 +125,10 @@ class ExampleBuilder:
         views = [v.unsqueeze(0) if v.dim() == 3 else v for v in views]
         pixels = (views[0] if len(views) == 1 else torch.cat(views)) if views else None
         counts = [v.shape[0] * self.encoder.image_tokens for v in views]
+        if self.views == [PROMPT_VIEW]:
+            return [self._prompt_example(record, len(images), counts, pixels)]
+        if PROMPT_VIEW in self.views:
+            raise ValueError(f"the {PROMPT_VIEW!r} view (prediction) cannot be combined with other views")
         examples = []
         chats = [
             chat
@@ -136,3 +142,24 @@ class ExampleBuilder:
                       "format": self.mc_format}  # fmt: skip
             examples.append(Example(torch.tensor(encoded.input_ids), torch.tensor(encoded.labels), pixels, mc))
         return examples
+
+    def _prompt_example(self, record: dict, num_images: int, counts: list[int], pixels) -> Example:
+        """The `prompt` view: the conversation up to its last human turn, encoded with the generation
+        prompt; a final gpt turn is dropped and kept as the reference answer."""
+        messages = record.get("conversations")
+        if not isinstance(messages, list) or not messages:
+            raise SampleError("missing_field", "no 'conversations' in the sample")
+        reference = None
+        last = messages[-1]
+        if isinstance(last, dict) and last.get("from") in ("gpt", "assistant"):
+            reference = last.get("value") if isinstance(last.get("value"), str) else None
+            messages = messages[:-1]
+        encoded = self.encoder.encode_prompt(messages, num_images=num_images, image_tokens=counts)
+        sample_id = record.get("id")
+        meta = {
+            "id": None if sample_id is None else str(sample_id),
+            "prompt": str(messages[-1].get("value", "")),
+            "reference": reference,
+        }
+        ids = torch.tensor(encoded.input_ids)
+        return Example(ids, torch.tensor(encoded.labels), pixels, meta=meta)

@@ -97,7 +97,49 @@ def collate(examples: list[Example], pad_id: int) -> dict:
         batch["mc_candidates"] = [e.mc["candidates"] if e.mc else [] for e in examples]
         batch["mc_type"] = [e.mc["type"] if e.mc else "" for e in examples]
         batch["mc_format"] = next(e.mc["format"] for e in examples if e.mc)
+    if any(e.meta is not None for e in examples):
+        batch["meta"] = [e.meta or {} for e in examples]
     return batch
+
+
+class JsonSamples:
+    """A LLaVA-format JSON list or JSONL file plus its image folder, read as the raw samples a
+    shard of it would hold (prediction straight from JSON, no shards to write).
+
+    Called with (reader slot, readers) it yields this reader's records only (record index modulo
+    readers, as evaluation splits shards), each with its `__index__` in the file; only those
+    records' images are read. A record that cannot be read (bad JSON line, missing image) comes
+    out with its `__error__`, so the stream counts and logs it like a bad shard sample.
+    """
+
+    def __init__(self, path: str | Path, image_root: str | Path | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path} is not a file (a LLaVA-format JSON or JSONL)")
+        self.image_root = Path(image_root) if image_root is not None else self.path.parent
+
+    def __call__(self, slot: int, slots: int) -> Iterator[dict]:
+        from src.data.shards import image_paths, load_image, read_records
+
+        records, _ = read_records(self.path)
+        for index, record in enumerate(records):
+            if index % slots != slot:
+                continue
+            key = str(record.get("id", index)) if isinstance(record, dict) else str(index)
+            raw: dict = {"__key__": key, "__url__": str(self.path), "__index__": index}
+            try:
+                if isinstance(record, SampleError):
+                    raise record
+                if not isinstance(record, dict):
+                    raise SampleError("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
+                raw["json"] = json.dumps(record, ensure_ascii=False).encode("utf-8")
+                paths = image_paths(record)
+                for k, relative in enumerate(paths):
+                    data, ext, _ = load_image(self.image_root / relative)
+                    raw[ext if len(paths) == 1 else f"{k}.{ext}"] = data
+            except SampleError as error:
+                raw["__error__"] = error
+            yield raw
 
 
 @dataclass
@@ -243,6 +285,7 @@ class ShardStream(IterableDataset):
         pack_length: int | None = None,
         resume: dict | None = None,
         collate_fn: Callable | None = None,
+        raw_source: Callable[[int, int], Iterator[dict]] | None = None,
     ) -> None:
         if sources is None:
             if not shards:
@@ -267,6 +310,7 @@ class ShardStream(IterableDataset):
         self.batching, self.window_batches, self.pack_length = batching, window_batches, pack_length
         self.resume = resume or {}
         self.collate = collate_fn or collate
+        self.raw_source = raw_source  # evaluation: (slot, slots) -> this reader's raw samples, instead of the tars
         self.skips = SkipCounter()
         self.expected = read_sizes(self.shards)  # to count samples a cut tar lost without an error
         self.report_shard_errors = True
@@ -305,8 +349,16 @@ class ShardStream(IterableDataset):
         """`draft`: decode large JPEGs at a reduced scale that still covers the transform's size
         (training only: evaluation decodes at full size, as reference pipelines do)."""
         try:
+            if "__error__" in raw:  # a record its source could not read (JsonSamples)
+                raise raw["__error__"]
             record, images = decode_sample(raw, draft=builder.draft_size if draft else None)
-            return builder(record, images)
+            examples = builder(record, images)
+            for example in examples:  # prediction: which sample this is, to name and order the outputs
+                if example.meta is not None:
+                    example.meta.update(key=raw.get("__key__"), index=raw.get("__index__"))
+                    if example.meta.get("id") is None:
+                        example.meta["id"] = str(raw.get("__key__"))
+            return examples
         except SampleError as error:
             self.skips.skip(error.reason, f"{raw.get('__key__')} in {raw.get('__url__')}: {error}")
             return []
@@ -397,9 +449,12 @@ class ShardStream(IterableDataset):
     # ---- evaluation -------------------------------------------------------------------
     def _evaluation_examples(self) -> Iterator[Example]:
         slot, slots = self._slot()
+        if self.raw_source is not None:
+            yield from self._examples(self.raw_source(slot, slots))
+            return
         self.report_shard_errors = slot == 0  # every slot reads every shard: one reports
         samples = self._raw_samples(self.shards, report_missing=slot == 0)
-        raw = (sample for i, sample in enumerate(samples) if i % slots == slot)
+        raw = (sample | {"__index__": i} for i, sample in enumerate(samples) if i % slots == slot)
         yield from self._examples(raw)
 
     def _batches(self, examples: Iterator[Example]) -> Iterator[dict]:

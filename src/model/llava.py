@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from src.data.conversation import IGNORE_INDEX
+from src.model.generation import generate as generate_replies
 from src.model.language import lm_logits
 from src.model.loss import DEFAULT_CHUNK_SIZE, chunked_cross_entropy
 
@@ -225,37 +226,8 @@ class LlavaModel(nn.Module):
         max_new_tokens: int,
         eos_token_id: int,
     ) -> list[list[int]]:
-        """Greedy decoding of right-padded prompts, without left padding.
-
-        Each row writes its next token at its own end: with a causal decoder the logits at
-        a row's last real token never see the padding after it, so no row's answer depends
-        on the others' lengths (batched output equals unbatched output).
-        """
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        prompt_mask = torch.arange(input_ids.shape[1], device=input_ids.device)[None] < prompt_lengths[:, None]
-        embeddings = self.embed(input_ids, pixel_values)  # tokens past a prompt are masked, then overwritten
-        width = input_ids.shape[1] + max_new_tokens
-        buffer = embeddings.new_zeros(embeddings.shape[0], width, embeddings.shape[2])
-        buffer[:, : embeddings.shape[1]] = embeddings
-        mask = torch.zeros(buffer.shape[:2], dtype=torch.long, device=input_ids.device)
-        mask[:, : prompt_mask.shape[1]] = prompt_mask.long()
-        lengths = prompt_lengths.clone()
-        table = self.llm.get_input_embeddings()
-        decoder = self.llm.get_decoder()
-        outputs: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            end = int(lengths.max())
-            hidden = decoder(
-                inputs_embeds=buffer[:, :end], attention_mask=mask[:, :end], use_cache=False
-            ).last_hidden_state
-            tokens = self.logits_at(hidden, lengths - 1).argmax(dim=-1)
-            for row in (~done).nonzero().flatten().tolist():
-                outputs[row].append(int(tokens[row]))
-            done |= tokens == eos_token_id
-            if bool(done.all()):
-                break
-            buffer[rows, lengths] = table(tokens).to(buffer.dtype)
-            mask[rows, lengths] = 1
-            lengths = lengths + 1
-        return [out[:-1] if out and out[-1] == eos_token_id else out for out in outputs]
+        """Greedy replies to right-padded prompts (row r's prompt: `input_ids[r, :prompt_lengths[r]]`),
+        eos stripped. One generation path: `src.model.generation.generate` (left padding, KV cache),
+        which also samples and stops at strings."""
+        replies = generate_replies(self, input_ids, prompt_lengths, pixel_values, max_new_tokens, eos_token_id)
+        return [reply.tokens for reply in replies]

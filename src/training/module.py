@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 from src.data.conversation import IGNORE_INDEX, IMAGE_TAG, parse_choice
 from src.eval.multiple_choice import MultipleChoiceAccuracy
+from src.model.generation import GenerationConfig, StopStrings, decode_reply, generate, row_generators
 from src.model.language import LLMConfig, build_llm, check_quantization, prepare_tokenizer
 from src.model.llava import LlavaModel
 from src.model.lora import apply_lora
@@ -87,6 +88,7 @@ class LlavaLitModule(LightningModule):
         fsdp: FSDPConfig | None = None,
         frozen_dtype: str | None = None,
         max_bad_steps: int = 10,
+        generation: GenerationConfig | None = None,
     ) -> None:
         """
         Args:
@@ -105,15 +107,20 @@ class LlavaLitModule(LightningModule):
             frozen_dtype: store parts that do not train at all in this dtype (`bfloat16` halves their memory).
             max_bad_steps: a step whose loss is NaN or infinite on any rank is skipped and counted
                 (`train/skipped_nonfinite`); this many in a row stop the run, leaving its last checkpoint.
+            generation: how `predict` (and `src.chat`) generate: max_new_tokens (default: the one above),
+                temperature (0: greedy), top_p, seed, stop strings.
         """
         super().__init__()
-        self.save_hyperparameters()
+        # generation settings are chosen at predict time, not trained: kept out of checkpoints, since
+        # LightningCLI lets a checkpoint's hyperparameters override the command line (`--ckpt_path`)
+        self.save_hyperparameters(ignore=["generation"])
         self.vision_config = _as_config(VisionConfig, vision)
         self.projector_config = _as_config(ProjectorConfig, projector)
         self.llm_config = _as_config(LLMConfig, llm)
         self.freeze_config = _as_config(FreezeConfig, freeze)
         self.optimizer_config = _as_config(OptimizerConfig, optimizer)
         self.fsdp_config = _as_config(FSDPConfig, fsdp)
+        self.generation_config = _as_config(GenerationConfig, generation)
         # checkpoints keep plain dicts, as the CLI writes them, so they load with torch's weights_only default
         for key in ("vision", "projector", "llm", "freeze", "optimizer", "fsdp"):
             self.hparams[key] = asdict(getattr(self, f"{key}_config"))
@@ -333,6 +340,62 @@ class LlavaLitModule(LightningModule):
             )
             predicted = scores.argmax(dim=1)
         return predicted, batch["mc_answer"], list(batch["mc_type"])
+
+    # ---- prediction -----------------------------------------------------------------
+    def generation_settings(self) -> dict:
+        """The settings replies are generated with, as written beside each prediction."""
+        cfg = self.generation_config
+        max_new = cfg.max_new_tokens if cfg.max_new_tokens is not None else self.hparams.max_new_tokens
+        return {"max_new_tokens": max_new, "temperature": cfg.temperature, "top_p": cfg.top_p if cfg.sampling else 1.0,
+                "seed": cfg.seed if cfg.sampling else None, "stop": list(cfg.stop)}  # fmt: skip
+
+    def reply(self, batch: dict) -> list[dict]:
+        """Generated replies to a batch of prompts (right-padded `input_ids`, `attention_mask`, `meta`)."""
+        cfg, settings = self.generation_config, self.generation_settings()
+        meta = batch["meta"]
+        generators = row_generators(cfg.seed, [m["id"] for m in meta], self.device) if cfg.sampling else None
+        replies = generate(
+            self.model, batch["input_ids"], batch["attention_mask"].sum(dim=1), batch.get("pixel_values"),
+            settings["max_new_tokens"], self.tokenizer.eos_token_id, temperature=cfg.temperature, top_p=cfg.top_p,
+            generators=generators, stop=StopStrings(self.tokenizer, cfg.stop) if cfg.stop else None,
+            all_done=self._all_ranks_done if self.device_mesh is not None else None,
+        )  # fmt: skip
+        return [
+            {
+                "id": m["id"],
+                "index": m.get("index"),
+                "prompt": m.get("prompt", ""),
+                "answer": decode_reply(self.tokenizer, r, cfg.stop),
+                "reference": m.get("reference"),
+                "finish": r.finish,
+            }
+            for m, r in zip(meta, replies, strict=True)
+        ]
+
+    def _all_ranks_done(self, local_done: bool) -> bool:
+        """Under FSDP every rank must make the same decoder calls: generation ends when all are done."""
+        flag = torch.tensor(0.0 if local_done else 1.0, device=self.device)
+        return float(self.trainer.strategy.reduce(flag, reduce_op="sum")) == 0.0
+
+    def on_predict_start(self) -> None:
+        from lightning.pytorch.callbacks import BasePredictionWriter
+
+        if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
+            rank_zero_warn(
+                "predict has no prediction writer: add src.eval.predictions.PredictionWriter to trainer.callbacks "
+                "(lightning_config.yaml has it) to get the answers as JSONL"
+            )
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """One dict per prompt: id, index (order in the input), prompt, answer, reference, finish.
+        Skipped samples are counted (`self.skipped`, reported by the writer): predict cannot log."""
+        for reason, n in (batch.pop("skipped", None) or {}).items():
+            self.skipped[f"predict/{reason}"] += n
+        if batch.get("empty"):
+            return []
+        if "meta" not in batch:
+            raise ValueError("a predict batch needs `meta` per row: read data with data.predict_shards / predict_json")
+        return self.reply(batch)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_mc)

@@ -735,3 +735,38 @@ def test_chat_template_that_breaks_a_sample_is_refused(chat_template, messages, 
     with pytest.raises(ValueError) as info:
         encoder.encode(messages, num_images=messages[0]["value"].count(IMAGE))
     assert str(info.value) == f"the chat template of 'tiny-odd' {why}, so replies cannot be masked by prefix"
+
+
+# ---- prompts for generation (predict, chat): the training sequence up to the last reply
+
+
+def last_reply_start(labels: list[int]) -> int:
+    """Where the last supervised run of a training sequence begins (the last reply)."""
+    start = len(labels)
+    while start > 0 and labels[start - 1] == IGNORE_INDEX:
+        start -= 1
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return start
+
+
+@pytest.mark.parametrize("case", list(MULTI_TURN_CASES))
+def test_the_prompt_is_the_training_sequence_up_to_the_last_reply(case):
+    """Every template (plain, vicuna_v1, llama2, ChatML, Llama-3): generation starts where training
+    supervised the reply, after the template's generation prompt."""
+    options, _, _ = MULTI_TURN_CASES[case]
+    encoder = byte_encoder(**options)
+    full = encoder.encode(THREE_TURNS, num_images=1)
+    prompt = encoder.encode_prompt(THREE_TURNS[:-1], num_images=1)
+    assert prompt.input_ids == full.input_ids[: last_reply_start(full.labels)]
+    assert set(prompt.labels) == {IGNORE_INDEX}
+
+
+def test_prompt_errors_are_sample_errors():
+    encoder = byte_encoder(template="vicuna_v1", max_length=40)
+    with pytest.raises(SampleError, match="a prompt must end with a human turn"):
+        encoder.encode_prompt(THREE_TURNS, num_images=1)
+    with pytest.raises(SampleError, match="image_tag_mismatch"):
+        encoder.encode_prompt(THREE_TURNS[:1], num_images=0)
+    with pytest.raises(SampleError, match="too_long: the prompt has"):
+        encoder.encode_prompt(THREE_TURNS[:-1], num_images=1)

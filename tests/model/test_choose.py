@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_lit_module
 
 from src.data.conversation import IGNORE_INDEX, ConversationEncoder, build_template, parse_choice
 from src.data.datamodule import ShardStream
 from src.data.samples import ExampleBuilder
-from src.model.language import LLMConfig
-from src.model.projector import ProjectorConfig
-from src.model.vision import VisionConfig
 from src.training.module import LlavaLitModule
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -23,20 +21,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture(scope="module")
 def module(demo_dir) -> LlavaLitModule:
-    torch.manual_seed(0)
-    lit = LlavaLitModule(
-        tokenizer=str(demo_dir / "tokenizer"),
-        vision=VisionConfig(
-            name="vit_tiny_patch16_224", image_size=64, kwargs=dict(patch_size=16, embed_dim=16, depth=2, num_heads=2)
-        ),
-        projector=ProjectorConfig("mlp", {"depth": 2}),
-        llm=LLMConfig(
-            config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256),
-            attn_implementation="sdpa",
-        ),
-        max_new_tokens=5,
-    )  # fmt: skip
+    lit = tiny_lit_module(demo_dir, patch_size=16, layers=1, positions=256, max_new_tokens=5)
     lit.configure_model()
     return lit.eval()
 

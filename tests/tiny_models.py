@@ -1,0 +1,42 @@
+"""Tiny models for tests that train, generate or predict end to end (import: `from tiny_models import ...`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def tiny_lit_module(
+    demo_dir: Path, *, patch_size: int = 32, layers: int = 2, positions: int = 512, seed: int = 0, **module_options
+):
+    """A LlavaLitModule small enough to train and generate in seconds: a 2-block ViT on 64 px images
+    (32 px patches: 4 image tokens), LLaVA-1.5's MLP projector, a Llama of width 32, the demo tokenizer."""
+    import torch
+
+    from src.model.language import LLMConfig
+    from src.model.projector import ProjectorConfig
+    from src.model.vision import VisionConfig
+    from src.training.module import LlavaLitModule
+
+    torch.manual_seed(seed)
+    return LlavaLitModule(
+        tokenizer=str(demo_dir / "tokenizer"),
+        vision=VisionConfig(
+            name="vit_tiny_patch16_224",
+            image_size=64,
+            kwargs=dict(patch_size=patch_size, embed_dim=16, depth=2, num_heads=2),
+        ),
+        projector=ProjectorConfig("mlp", {"depth": 2}),
+        llm=LLMConfig(
+            config=dict(
+                model_type="llama",
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=layers,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                max_position_embeddings=positions,
+            ),
+            attn_implementation="sdpa",
+        ),
+        **module_options,
+    )
