@@ -7,6 +7,7 @@ splicing is one masked scatter, and a batch may mix samples with and without ima
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -225,9 +226,12 @@ class LlavaModel(nn.Module):
         pixel_values: torch.Tensor | None,
         max_new_tokens: int,
         eos_token_id: int,
+        all_done: Callable[[bool], bool] | None = None,
     ) -> list[list[int]]:
         """Greedy replies to right-padded prompts (row r's prompt: `input_ids[r, :prompt_lengths[r]]`),
         eos stripped. One generation path: `src.model.generation.generate` (left padding, KV cache),
-        which also samples and stops at strings."""
-        replies = generate_replies(self, input_ids, prompt_lengths, pixel_values, max_new_tokens, eos_token_id)
+        which also samples and stops at strings. `all_done`: see there (FSDP: ranks step together)."""
+        replies = generate_replies(
+            self, input_ids, prompt_lengths, pixel_values, max_new_tokens, eos_token_id, all_done=all_done
+        )
         return [reply.tokens for reply in replies]

@@ -328,6 +328,7 @@ class LlavaLitModule(LightningModule):
             replies = self.model.generate(
                 batch["input_ids"], prompt_lengths, batch.get("pixel_values"),
                 self.hparams.max_new_tokens, self.tokenizer.eos_token_id,
+                all_done=self._all_ranks_done if self.device_mesh is not None else None,
             )  # fmt: skip
             picked = []
             for reply, options in zip(replies, candidates, strict=True):

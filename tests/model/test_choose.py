@@ -83,8 +83,9 @@ def test_reasoned_replies_are_read_as_letters(module, shards, monkeypatch):
     texts = ["red . The answer is C .", "A circle .", "B", "The answer is D . The answer is A ."]
     seen = {}
 
-    def fake_generate(input_ids, prompt_lengths, pixel_values, max_new_tokens, eos_token_id):
+    def fake_generate(input_ids, prompt_lengths, pixel_values, max_new_tokens, eos_token_id, all_done=None):
         seen.update(lengths=prompt_lengths.tolist(), max_new_tokens=max_new_tokens, eos=eos_token_id)
+        seen["all_done"] = all_done
         return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
     monkeypatch.setattr(module.model, "generate", fake_generate)
@@ -94,7 +95,12 @@ def test_reasoned_replies_are_read_as_letters(module, shards, monkeypatch):
         "lengths": [len(p) for p in prompts_of(batch)],
         "max_new_tokens": 5,
         "eos": tokenizer.eos_token_id,
+        "all_done": None,  # one process, no FSDP: nothing to agree on
     }
+    # under FSDP (a device mesh) every rank must make the same decoder calls: generation asks all ranks
+    monkeypatch.setattr(type(module), "device_mesh", property(lambda self: "mesh"))
+    module.choose(batch)
+    assert seen["all_done"] == module._all_ranks_done
 
 
 def test_a_batch_mixing_questions_and_chats_is_refused(module, shards):
