@@ -68,7 +68,9 @@ def _chats(
         prompt = f"{tags}\n{text}" if image_position == "first" else f"{text}\n{tags}"
         reply = multiple_choice_answer(options, answer, mc_format)
         chat = [{"from": "human", "value": prompt.strip("\n")}, {"from": "gpt", "value": reply}]
-        chats.append((chat, {"options": options, "answer": answer, "type": str(mc.get("type", "all"))}))
+        kind = mc.get("type", "all")  # a question type, or a list of the groups it counts in
+        kind = [str(k) for k in kind] if isinstance(kind, list) else str(kind)
+        chats.append((chat, {"options": options, "answer": answer, "type": kind}))
     if not chats:
         raise SampleError("missing_field", "no multiple-choice questions in the sample")
     return chats

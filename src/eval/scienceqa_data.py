@@ -24,8 +24,8 @@ the text, but both its training code (`preprocess_multimodal`) and its ScienceQA
 move the tag to the front, so the front is what the model sees either way.
 
 Besides `conversations`, each record carries `mc` (one multiple-choice item, so the same
-shards serve `data.eval_view: mc` during fit; its `type` is the subject column, NAT / SOC /
-LAN) and `scienceqa` (the columns the paper's table groups by), both ignored by training.
+shards serve `data.eval_view: mc` during fit; its `type` lists the columns of the paper's table
+it counts in, so validation logs each column) and `scienceqa` (the columns the paper's table groups by), both ignored by training.
 """
 
 from __future__ import annotations
@@ -154,13 +154,12 @@ def to_record(pid: str, problem: dict, fmt: str, split: str = "test") -> dict:
         text = f"{IMAGE_TAG}\n{text}"
     record["conversations"] = [{"from": "human", "value": text}, {"from": "gpt", "value": reply}]
     mc_question = f"Context: {context_text(problem)}\nQuestion: {problem['question']}"
-    subject = SUBJECTS.get(problem.get("subject", ""), "other")
     record["mc"] = [
         {
             "question": mc_question,
             "options": list(problem["choices"]),
             "answer": int(problem["answer"]),
-            "type": subject,
+            "type": categories(problem) or ["other"],  # validation logs each column of the paper's table
         }
     ]
     record["scienceqa"] = {

@@ -56,6 +56,7 @@ def merged(ranks: list[MultipleChoiceAccuracy]) -> MultipleChoiceAccuracy:
     """Rank 0's metric with its states as torchmetrics' `cat` sync leaves them (list states
     concatenated on every rank, then gathered and concatenated over ranks)."""
     metric = ranks[0]
+    metric.answered = torch.cat([torch.cat(m.answered) for m in ranks])
     metric.correct = torch.cat([torch.cat(m.correct) for m in ranks])
     metric.group = torch.cat([torch.cat(m.group) for m in ranks])
     return metric
@@ -67,6 +68,28 @@ def test_synced_states_give_the_pooled_accuracy():
     rank1.update(torch.tensor([3, 3]), torch.tensor([3, 0]), ["count", "colour"])
     values = {k: v.item() for k, v in merged([rank0, rank1]).compute().items()}
     assert values == pytest.approx({"all": 3 / 5, "colour": 1 / 2, "count": 2 / 3})
+
+
+def test_a_question_counts_once_overall_and_in_each_of_its_groups():
+    """ScienceQA's table: a subject, TXT and / or IMG (or NO), a grade band per question."""
+    metric = MultipleChoiceAccuracy()
+    metric.update(
+        torch.tensor([0, 1, 2, 3]),
+        torch.tensor([0, 0, 2, 0]),
+        [["NAT", "TXT", "IMG", "G1-6"], ["NAT", "IMG", "G7-12"], "SOC", ["LAN", "NO", "G1-6"]],
+    )
+    values = {k: v.item() for k, v in metric.compute().items()}
+    assert values == pytest.approx(
+        {"all": 2 / 4, "NAT": 1 / 2, "SOC": 1.0, "LAN": 0.0, "TXT": 1.0, "IMG": 1 / 2, "NO": 0.0,
+         "G1-6": 1 / 2, "G7-12": 0.0}
+    )  # fmt: skip
+    # across ranks, as torchmetrics' cat sync leaves the states
+    rank0, rank1 = MultipleChoiceAccuracy(), MultipleChoiceAccuracy()
+    rank0.update(torch.tensor([0]), torch.tensor([0]), [["NAT", "IMG"]])
+    rank1.update(torch.tensor([1, 1]), torch.tensor([0, 1]), [["NAT", "NO"], ["SOC", "IMG"]])
+    rank0.names.update(rank1.names)  # compute() gathers them from every rank under torch.distributed
+    values = {k: v.item() for k, v in merged([rank0, rank1]).compute().items()}
+    assert values == pytest.approx({"all": 2 / 3, "NAT": 1 / 2, "IMG": 1.0, "NO": 0.0, "SOC": 1.0})
 
 
 def test_without_distributed_the_names_are_this_processs_own():
