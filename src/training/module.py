@@ -25,7 +25,7 @@ from src.model.lora import apply_lora
 from src.model.projector import ProjectorConfig, build_projector
 from src.model.vision import VisionConfig, build_vision_tower
 from src.model.weights import load_parts, read_state
-from src.training.sharding import FSDPConfig, cast_frozen, checkpoint_blocks, shard_model
+from src.training.sharding import FSDPConfig, cast_frozen, checkpoint_blocks, compile_blocks, shard_model
 from src.training.stage import (  # noqa: F401  (FreezeConfig, OptimizerConfig, warmup_cosine: the stage API)
     PARTS,
     FreezeConfig,
@@ -103,7 +103,7 @@ class LlavaLitModule(LightningModule):
                 Lightning checkpoint of an earlier stage; each part it holds (vision, projector, llm)
                 is loaded whole, and a key or shape mismatch is an error.
             fsdp: sharding and precision under `ModelParallelStrategy` (FSDP2); with another strategy only
-                its `activation_checkpointing` applies.
+                its `activation_checkpointing` and `compile_blocks` apply.
             frozen_dtype: store parts that do not train at all in this dtype (`bfloat16` halves their memory).
             max_bad_steps: a step whose loss is NaN or infinite on any rank is skipped and counted
                 (`train/skipped_nonfinite`); this many in a row stop the run, leaving its last checkpoint.
@@ -166,6 +166,8 @@ class LlavaLitModule(LightningModule):
             rank_zero_info(f"frozen parts stored in {self.hparams.frozen_dtype}: {', '.join(cast)}")
         if self.fsdp_config.activation_checkpointing:
             rank_zero_info(f"activation checkpointing: {checkpoint_blocks(self.model)} trained blocks")
+        if self.fsdp_config.compile_blocks:
+            rank_zero_info(f"torch.compile: {compile_blocks(self.model)} decoder layers")
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over its data-parallel dimension
             units = shard_model(self.model, self.device_mesh["data_parallel"], self.fsdp_config)
             rank_zero_info(f"FSDP2: {len(units)} units (per block, tower, projector, per decoder layer, root)")

@@ -30,6 +30,11 @@ class FSDPConfig:
     """Free gathered parameters after each block's forward (ZeRO-3); false keeps them (ZeRO-2, faster)."""
     activation_checkpointing: bool = False
     """Recompute each trained block in backward (non-reentrant) instead of keeping its activations."""
+    compile_blocks: bool = False
+    """torch.compile each decoder layer in place (checkpoint keys unchanged), before sharding, as
+    torchtitan does. The first steps pay the compilation (and each new shape family a recompile);
+    `benchmarks/train_step.py --variants ours,compile` measures whether it pays on your hardware
+    (on the project's CPU it did not)."""
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -64,6 +69,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(f"{type(model.llm.get_decoder()).__name__} has no `layers` list to shard per layer")
     return layers
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile every decoder layer in place (`Module.compile`: keys, hooks and wrappers stay
+    as they are); dynamic shapes, since sequence lengths change every step. Returns how many."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 def checkpoint_blocks(model: nn.Module) -> int:

@@ -279,3 +279,37 @@ def test_a_packed_batch_trains_a_step():
     assert all(math.isfinite(g) and g > 0 for g in record.grads.values()) and len(record.grads) == 3
     changed = {name.split(".")[0] for name, p in module.model.named_parameters() if not torch.equal(p, before[name])}
     assert changed == {"vision", "projector", "llm"}
+
+
+@pytest.mark.slow
+def test_compiled_decoder_layers_train_to_the_same_losses(demo_dir):
+    """model.fsdp.compile_blocks: every decoder layer compiled in place; losses and gradients as eager."""
+    from tiny_models import tiny_lit_module
+
+    from src.training.sharding import FSDPConfig
+
+    torch.manual_seed(1)
+    ids = torch.randint(10, 60, (3, 24))
+    labels = ids.clone()
+    labels[:, :8] = -100
+    mask = torch.ones_like(ids)
+    mask[2, 18:] = 0  # a padded row: the compiled graph must take the mask as eager does
+    runs = {}
+    for compiled in (False, True):
+        module = tiny_lit_module(demo_dir, fsdp=FSDPConfig(compile_blocks=compiled))
+        module.configure_model()
+        layers = module.model.llm.get_decoder().layers
+        assert all((layer._compiled_call_impl is not None) == compiled for layer in layers)
+        losses = []
+        optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.5)
+        for _ in range(2):
+            loss = module.model(ids, mask, None, labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        runs[compiled] = (losses, module.model.state_dict())
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    assert runs[True][1].keys() == runs[False][1].keys()  # compiled in place: checkpoints keep their keys
+    for key, value in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][key], value, rtol=1e-4, atol=1e-5)
