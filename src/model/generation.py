@@ -216,7 +216,8 @@ def generate(
     active = list(range(rows))  # batch row -> sample row
     positions = prompt_lengths.clone()  # the next token's position, per batch row
     row_generators_ = list(generators) if generators is not None else None
-    for step in range(max_new_tokens):
+    step = 0
+    while True:  # until every row here (and, with all_done, on every rank) is done
         logits = lm_logits(model.llm, hidden).float()
         gens = [row_generators_[r] for r in active] if row_generators_ is not None and temperature > 0 else None
         tokens = choose_tokens(logits, temperature, top_p, gens) if active else logits.argmax(dim=-1)
@@ -233,9 +234,11 @@ def generate(
                 results[r].finish = "stop"
                 finished.append(k)
         keep = sorted(set(range(len(active))) - set(finished))
-        local_done = not keep or step == max_new_tokens - 1
+        local_done = not keep or step >= max_new_tokens - 1
         if all_done(local_done) if all_done is not None else local_done:
             break
+        if local_done:
+            keep = []  # at the token limit here, while other ranks go on (a longer limit, longer replies)
         if keep and len(keep) < len(active):  # finished rows leave the batch and the cache
             index = torch.tensor(keep, device=input_ids.device)
             cache.batch_select_indices(index)
@@ -252,4 +255,5 @@ def generate(
             **cache_arg,
         ).last_hidden_state[:, -1]
         positions = positions + 1
+        step += 1
     return results

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from src.data.conversation import IGNORE_INDEX
+from src.model.generation import Generated
 from src.model.generation import generate as generate_replies
 from src.model.language import lm_logits
 from src.model.loss import DEFAULT_CHUNK_SIZE, chunked_cross_entropy
@@ -72,6 +73,14 @@ def _dtype_of(module: nn.Module, default: torch.dtype) -> torch.dtype:
 class LlavaModel(nn.Module):
     loss_chunk_size: int = DEFAULT_CHUNK_SIZE
     """Supervised positions per chunk of the loss: their logits exist one chunk at a time (`src.model.loss`)."""
+    encode_always: bool = False
+    """Run the tower and projector on a blank image when a batch has none (`shard_model` sets it).
+
+    Under FSDP every rank must run the same sharded units in the same order, or their
+    all-gathers pair up wrongly (gloo aborts, NCCL hangs): a rank holding a text-only batch
+    while another holds images would skip the tower's. LLaVA gives text-only samples a blank
+    image for the same reason under ZeRO-3. The blank image's features are added times zero.
+    """
 
     def __init__(self, vision: nn.Module, projector: nn.Module, llm: nn.Module, image_token_id: int) -> None:
         super().__init__()
@@ -102,6 +111,10 @@ class LlavaModel(nn.Module):
         if pixel_values is None or pixel_values.shape[0] == 0:
             if n_slots:
                 raise ValueError(f"{n_slots} image placeholder tokens but no images in the batch")
+            if self.encode_always:
+                return (
+                    embeddings + self.encode_images(self._blank_image(embeddings.device)).sum().to(embeddings.dtype) * 0
+                )
             return embeddings + self._touch_image_path() if torch.is_grad_enabled() else embeddings
         features = self.encode_images(pixel_values)
         if features.shape[0] * features.shape[1] != n_slots:
@@ -111,6 +124,10 @@ class LlavaModel(nn.Module):
             )
         # row-major order of the slots = sample order, then image order within a sample
         return embeddings.masked_scatter(slots.unsqueeze(-1), features.to(embeddings.dtype))
+
+    def _blank_image(self, device: torch.device) -> torch.Tensor:
+        size = self.vision.image_transform().size
+        return torch.zeros(1, 3, size, size, device=device)
 
     def _touch_image_path(self) -> torch.Tensor | float:
         """A zero that depends on every trainable parameter of the tower and projector.
@@ -235,3 +252,10 @@ class LlavaModel(nn.Module):
             self, input_ids, prompt_lengths, pixel_values, max_new_tokens, eos_token_id, all_done=all_done
         )
         return [reply.tokens for reply in replies]
+
+    @torch.no_grad()
+    def reply(self, *args, **kwargs) -> list[Generated]:
+        """`src.model.generation.generate` on this model, as a method: under FSDP it is registered as
+        a forward method (`shard_model`), so the root's own parameters (embeddings, final norm,
+        head) are gathered for the whole generation, as `forward` gathers them."""
+        return generate_replies(self, *args, **kwargs)

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from src.data.conversation import IGNORE_INDEX, IMAGE_TAG, parse_choice
 from src.eval.multiple_choice import MultipleChoiceAccuracy
-from src.model.generation import GenerationConfig, StopStrings, decode_reply, generate, row_generators
+from src.model.generation import GenerationConfig, StopStrings, decode_reply, row_generators
 from src.model.language import LLMConfig, build_llm, check_quantization, prepare_tokenizer
 from src.model.llava import LlavaModel
 from src.model.lora import apply_lora
@@ -357,8 +357,8 @@ class LlavaLitModule(LightningModule):
         cfg, settings = self.generation_config, self.generation_settings()
         meta = batch["meta"]
         generators = row_generators(cfg.seed, [m["id"] for m in meta], self.device) if cfg.sampling else None
-        replies = generate(
-            self.model, batch["input_ids"], batch["attention_mask"].sum(dim=1), batch.get("pixel_values"),
+        replies = self.model.reply(
+            batch["input_ids"], batch["attention_mask"].sum(dim=1), batch.get("pixel_values"),
             settings["max_new_tokens"], self.tokenizer.eos_token_id, temperature=cfg.temperature, top_p=cfg.top_p,
             generators=generators, stop=StopStrings(self.tokenizer, cfg.stop) if cfg.stop else None,
             all_done=self._all_ranks_done if self.device_mesh is not None else None,

@@ -99,7 +99,7 @@ def checkpoint_blocks(model: nn.Module) -> int:
 
 def shard_model(model: nn.Module, mesh, config: FSDPConfig) -> list[str]:
     """Applies fully_shard per block, per part, then to the root; returns the units, in order."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     policy = MixedPrecisionPolicy(param_dtype=_dtype(config.param_dtype), reduce_dtype=_dtype(config.reduce_dtype))
     options = {"mesh": mesh, "mp_policy": policy, "reshard_after_forward": config.reshard_after_forward}
@@ -116,6 +116,11 @@ def shard_model(model: nn.Module, mesh, config: FSDPConfig) -> list[str]:
         units.append(f"llm.layer{i}")
     fully_shard(model, **options)
     units.append("root")
+    # evaluation and generation call these instead of forward: the root's own parameters (embeddings,
+    # final norm, head) must be gathered around them too; every rank runs the tower (encode_always)
+    for method in ("score_candidates", "generate", "reply"):
+        register_fsdp_forward_method(model, method)
+    model.encode_always = True
     return units
 
 
