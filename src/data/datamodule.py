@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -30,6 +31,48 @@ from src.data.stream import (  # noqa: F401  (re-exported: the data API in one p
 )
 
 STATE_VERSION = 1
+
+
+class LockstepBatches:
+    """Evaluation batches in lockstep over ranks: every rank yields as many batches as the rank
+    with the most, the missing ones being fillers (a copy of the rank's last batch marked
+    `filler`, which the module runs and discards).
+
+    Evaluation readers split samples, not batches, so ranks can end one batch apart. Under
+    FSDP every forward gathers parameters on all ranks: a rank that has finished while another
+    runs one more batch leaves that gather unanswered (a hang). Before each batch the ranks
+    agree, with one scalar all-reduce, whether any of them still has one. A reader that built
+    no example hands on only its skip counts (`empty`): it becomes a filler carrying them.
+    """
+
+    def __init__(self, loader: DataLoader, strategy) -> None:
+        self.loader, self.strategy = loader, strategy
+
+    def _any_rank_has(self, has: bool) -> bool:
+        flag = torch.tensor(float(has), device=self.strategy.root_device)
+        return float(self.strategy.reduce(flag, reduce_op="sum")) > 0
+
+    def __iter__(self):
+        last = None
+        for batch in self.loader:
+            if batch.get("empty") and last is not None:
+                batch = self._filler(last) | {"skipped": batch.get("skipped") or {}}
+            elif not batch.get("empty"):
+                last = batch
+            if not self._any_rank_has(True):  # never: this rank has one; keeps the all-reduces paired
+                return
+            yield batch
+        while self._any_rank_has(False):
+            if last is None:
+                raise RuntimeError(
+                    "this rank read no evaluation example while others still evaluate: use fewer processes "
+                    "or a larger evaluation set (under FSDP every rank must run every batch)"
+                )
+            yield self._filler(last)
+
+    @staticmethod
+    def _filler(batch: dict) -> dict:
+        return {k: v for k, v in batch.items() if k != "skipped"} | {"filler": True}
 
 
 @dataclass
@@ -184,6 +227,10 @@ class LlavaDataModule(LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    def _lockstep(self, loader: DataLoader) -> DataLoader | LockstepBatches:
+        trainer = self.trainer
+        return LockstepBatches(loader, trainer.strategy) if trainer is not None and trainer.world_size > 1 else loader
+
     def _loader(self, dataset: ShardStream, persistent: bool) -> DataLoader:
         workers = self.hparams.num_workers
         return DataLoader(
@@ -325,7 +372,7 @@ class LlavaDataModule(LightningDataModule):
             self.hparams.eval_batch_size or self.hparams.batch_size, self._pad_id(),
             rank=rank, world_size=world,
         )  # fmt: skip
-        return self._loader(stream, persistent=False)
+        return self._lockstep(self._loader(stream, persistent=False))
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.hparams.val_shards, "val_shards")
@@ -346,7 +393,7 @@ class LlavaDataModule(LightningDataModule):
             shards, self._builder(PROMPT_VIEW), hp.eval_batch_size or hp.batch_size, self._pad_id(),
             rank=rank, world_size=world, raw_source=json_source,
         )  # fmt: skip
-        return self._loader(stream, persistent=False)
+        return self._lockstep(self._loader(stream, persistent=False))
 
     def _pad_id(self) -> int:
         tokenizer = self._spec()["tokenizer"]

@@ -310,6 +310,11 @@ class LlavaLitModule(LightningModule):
         self._count_skips(batch, stage)
         if batch.get("empty"):
             return  # only skip counts from a reader that built no example
+        if batch.get("filler"):  # keeps the ranks in lockstep (LockstepBatches): run as the others do, discard
+            self(batch)
+            if "mc_answer" in batch:
+                self.choose(batch)
+            return
         out = self(batch)
         size = batch["input_ids"].shape[0]
         self.log(f"{stage}/loss", out.loss, batch_size=size, sync_dist=True)
@@ -398,7 +403,8 @@ class LlavaLitModule(LightningModule):
             return []
         if "meta" not in batch:
             raise ValueError("a predict batch needs `meta` per row: read data with data.predict_shards / predict_json")
-        return self.reply(batch)
+        replies = self.reply(batch)
+        return [] if batch.get("filler") else replies  # a filler keeps the ranks in lockstep (LockstepBatches)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_mc)

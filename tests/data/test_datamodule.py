@@ -587,7 +587,44 @@ def test_a_shard_error_is_reported_once_over_evaluation_workers(broken_shards, m
 
 def fake_trainer(tokenizer, image_transform, rank=0, world=1):
     spec = {"tokenizer": tokenizer, "image_transform": image_transform, "image_tokens": IMAGE_TOKENS}
-    return SimpleNamespace(lightning_module=SimpleNamespace(data_spec=lambda: spec), global_rank=rank, world_size=world)
+    alone = SimpleNamespace(root_device="cpu", reduce=lambda tensor, reduce_op: tensor)  # the other ranks agree
+    return SimpleNamespace(
+        lightning_module=SimpleNamespace(data_spec=lambda: spec), global_rank=rank, world_size=world, strategy=alone
+    )
+
+
+class OtherRank:
+    """A strategy whose reduce adds another rank's answer: it has `batches` evaluation batches."""
+
+    root_device = "cpu"
+
+    def __init__(self, batches: int) -> None:
+        self.left = batches
+
+    def reduce(self, tensor, reduce_op):
+        assert reduce_op == "sum"
+        has = float(self.left > 0)
+        self.left -= 1
+        return tensor + has
+
+
+def test_lockstep_batches_fill_in_for_a_rank_with_fewer():
+    from src.data.datamodule import LockstepBatches
+
+    mine = [{"input_ids": 1}, {"skipped": {"bad_image": 2}, "empty": True}]
+    got = list(LockstepBatches(mine, OtherRank(4)))
+    assert got == [
+        {"input_ids": 1},
+        {"input_ids": 1, "filler": True, "skipped": {"bad_image": 2}},  # an empty batch: its skips go on
+        {"input_ids": 1, "filler": True},
+        {"input_ids": 1, "filler": True},
+    ]
+    assert list(LockstepBatches([{"input_ids": 1}, {"input_ids": 2}], OtherRank(1))) == [
+        {"input_ids": 1},
+        {"input_ids": 2},
+    ]
+    with pytest.raises(RuntimeError, match="this rank read no evaluation example while others still evaluate"):
+        list(LockstepBatches([], OtherRank(1)))
 
 
 def test_datamodule_loaders(demo_dir, tokenizer, image_transform, keys_by_pixels):
