@@ -40,3 +40,27 @@ def tiny_lit_module(
         ),
         **module_options,
     )
+
+
+def tiny_llava_model(llm_config: dict, vocab_size: int, image_token_id: int, attn_implementation: str = "sdpa"):
+    """A bare LlavaModel in eval mode: a 2-block ViT on 32 px images (16 px patches: 4 image tokens),
+    LLaVA-1.5's MLP projector to width 32, the decoder `llm_config` describes; seeded, so every call
+    with the same arguments gives the same weights (for comparing attention backends)."""
+    import torch
+
+    from src.model.language import LLMConfig, build_llm
+    from src.model.llava import LlavaModel
+    from src.model.projector import ProjectorConfig, build_projector
+    from src.model.vision import TimmVisionTower, VisionConfig
+
+    torch.manual_seed(0)
+    vision = TimmVisionTower(
+        VisionConfig(
+            name="vit_tiny_patch16_224", image_size=32, kwargs=dict(patch_size=16, embed_dim=16, depth=2, num_heads=2)
+        )
+    )
+    projector = build_projector(
+        ProjectorConfig("mlp", {"depth": 2}), vision.hidden_size, 32, vision.grid, vision.num_prefix_tokens
+    )
+    llm = build_llm(LLMConfig(config=dict(llm_config), attn_implementation=attn_implementation), vocab_size=vocab_size)
+    return LlavaModel(vision, projector, llm, image_token_id=image_token_id).eval()

@@ -319,9 +319,10 @@ class ConversationEncoder:
             out.extend([t] * counts.pop(0) if t == self.image_token_id else [t])
         return out
 
-    def encode(self, messages: list[dict], num_images: int, image_tokens: list[int] | None = None) -> Encoded:
-        """`image_tokens` gives each image's token count when they differ (anyres crops)."""
-        turns = to_turns(messages)
+    def _start(
+        self, turns: list[tuple[str, str]], num_images: int, image_tokens: list[int] | None
+    ) -> tuple[list[int], list[int]]:
+        """Checks the tags against the images; each image's token count, and the opening ids (bos)."""
         tags = sum(h.count(IMAGE_TAG) + g.count(IMAGE_TAG) for h, g in turns)
         if tags != num_images:
             raise SampleError("image_tag_mismatch", f"{tags} {IMAGE_TAG} tags but {num_images} images")
@@ -329,7 +330,12 @@ class ConversationEncoder:
         if len(counts) != num_images:
             raise ValueError(f"{len(counts)} image token counts for {num_images} images")
         bos = self.tokenizer.bos_token_id
-        input_ids: list[int] = [bos] if self.template.adds_bos and bos is not None else []
+        return counts, [bos] if self.template.adds_bos and bos is not None else []
+
+    def encode(self, messages: list[dict], num_images: int, image_tokens: list[int] | None = None) -> Encoded:
+        """`image_tokens` gives each image's token count when they differ (anyres crops)."""
+        turns = to_turns(messages)
+        counts, input_ids = self._start(turns, num_images, image_tokens)
         labels: list[int] = [IGNORE_INDEX] * len(input_ids)
         images_kept = 0
         for segments in self.template.render(turns):
@@ -367,12 +373,7 @@ class ConversationEncoder:
         if messages[-1].get("from") not in ("human", "user"):
             raise SampleError("bad_conversation", "a prompt must end with a human turn")
         turns = to_turns([*messages, {"from": "gpt", "value": "reply"}])
-        tags = sum(h.count(IMAGE_TAG) + g.count(IMAGE_TAG) for h, g in turns)
-        if tags != num_images:
-            raise SampleError("image_tag_mismatch", f"{tags} {IMAGE_TAG} tags but {num_images} images")
-        counts = [self.image_tokens] * num_images if image_tokens is None else list(image_tokens)
-        bos = self.tokenizer.bos_token_id
-        input_ids: list[int] = [bos] if self.template.adds_bos and bos is not None else []
+        counts, input_ids = self._start(turns, num_images, image_tokens)
         rendered = self.template.render(turns)
         for i, segments in enumerate(rendered):
             for text, supervised in segments:

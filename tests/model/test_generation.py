@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_llava_model
 
 from src.model.generation import (
     GenerationConfig,
@@ -21,10 +22,7 @@ from src.model.generation import (
     row_generators,
     row_seed,
 )
-from src.model.language import LLMConfig, build_llm
 from src.model.llava import LlavaModel
-from src.model.projector import ProjectorConfig, build_projector
-from src.model.vision import TimmVisionTower, VisionConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -50,17 +48,7 @@ LLMS = {
 
 
 def build_model(vocab: int, img: int, attn: str = "sdpa", arch: str = "llama") -> LlavaModel:
-    torch.manual_seed(0)
-    vision = TimmVisionTower(
-        VisionConfig(
-            name="vit_tiny_patch16_224", image_size=32, kwargs=dict(patch_size=16, embed_dim=16, depth=2, num_heads=2)
-        )
-    )
-    projector = build_projector(
-        ProjectorConfig("mlp", {"depth": 2}), vision.hidden_size, 32, vision.grid, vision.num_prefix_tokens
-    )
-    llm = build_llm(LLMConfig(config=dict(LLMS[arch]), attn_implementation=attn), vocab_size=vocab)
-    return LlavaModel(vision, projector, llm, image_token_id=img).eval()
+    return tiny_llava_model(LLMS[arch], vocab, img, attn)
 
 
 @pytest.fixture(scope="module", params=list(LLMS))

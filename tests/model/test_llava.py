@@ -7,15 +7,14 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import tiny_llava_model
 
 from src.data.batching import collate_packed
 from src.data.conversation import IGNORE_INDEX
 from src.data.datamodule import collate
 from src.data.samples import Example
-from src.model.language import LLMConfig, build_llm, lm_logits, padded_vocab
+from src.model.language import lm_logits, padded_vocab
 from src.model.llava import LlavaModel, flatten_packed, uses_flash_attention
-from src.model.projector import ProjectorConfig, build_projector
-from src.model.vision import TimmVisionTower, VisionConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -27,24 +26,9 @@ T = 4  # tokens per image: a 32 px image with 16 px patches
 
 def build_model(attn_implementation: str = "sdpa") -> LlavaModel:
     """The tiny LLaVA; the same weights for every backend (same seed)."""
-    torch.manual_seed(0)
-    vision = TimmVisionTower(
-        VisionConfig(
-            name="vit_tiny_patch16_224", image_size=32, kwargs=dict(patch_size=16, embed_dim=16, depth=2, num_heads=2)
-        )
-    )
-    projector = build_projector(
-        ProjectorConfig("mlp", {"depth": 2}), vision.hidden_size, 32, vision.grid, vision.num_prefix_tokens
-    )
-    llm = build_llm(
-        LLMConfig(
-            config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64),
-            attn_implementation=attn_implementation,
-        ),
-        vocab_size=VOCAB,
-    )  # fmt: skip
-    return LlavaModel(vision, projector, llm, image_token_id=IMG).eval()
+    llama = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    return tiny_llava_model(llama, VOCAB, IMG, attn_implementation)
 
 
 @pytest.fixture(scope="module")
