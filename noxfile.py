@@ -5,10 +5,16 @@ import nox
 nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["lint", "tests"]
 
+LLAVA_REFERENCE = "llava-torch==1.2.2.post1"  # = haotian-liu/LLaVA for conversation, train, mm_utils, eval
+
 
 @nox.session
 def tests(session: nox.Session) -> None:
     session.install("-e", ".[dev]")
+    # The official LLaVA code, as the reference the parity tests run against. Its pinned
+    # dependencies (torch 2.1, an old transformers) would replace ours, so it comes without
+    # them; the tests load only the functions they compare with from its files.
+    session.install("--no-deps", LLAVA_REFERENCE)
     session.run("pytest", *session.posargs)
 
 

@@ -5,14 +5,15 @@
     python -m src.eval.scienceqa score --root data/scienceqa --split test --predictions preds.jsonl \\
         --out reports/sqa [--judge experiments/eval/judge.yaml]
 
-`score` reads each prediction's option as LLaVA's scoring does (`src/eval/answers.py`), and
-reports accuracy overall and by the paper's columns (NAT SOC LAN | TXT IMG NO | G1-6 G7-12)
-as a Markdown table and JSON. A reply with no readable option (a *failure*) and a question
+`score` reads each prediction's option by LLaVA's `eval_science_qa.py` rule, exactly (the
+`official` mode of `src/eval/answers.py`), and reports accuracy overall and by the paper's
+columns (NAT SOC LAN | TXT IMG NO | G1-6 G7-12) as a Markdown table and JSON; `--lenient` adds
+a row, labelled, read by the kit's more forgiving `lenient` mode. A reply with no readable option (a *failure*) and a question
 with no prediction at all (*missing*) both count as wrong, and both are listed in the report,
 so a broken generation run cannot pass for a weak model. With `--judge`, a text-only judge
 LLM answers every question too and settles the questions where the two disagree (the
-paper's "GPT-4 as the judge" ensemble, `src/eval/scienceqa_judge.py`): the report gains a
-second row.
+paper's "GPT-4 as the judge" ensemble, `src/eval/scienceqa_judge.py`, replies read `official`
+too): the report gains a row.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from src.eval.answers import extract_choice, read_answers
+from src.eval.answers import read_answers, read_choice
 from src.eval.scienceqa_data import CATEGORIES, FORMATS, OPTIONS, Release, categories, convert, load_release
 from src.eval.scienceqa_metric import FAILED_BIT, MISSING_BIT, ScienceQAAccuracy, category_mask
 
@@ -64,8 +65,9 @@ def table_row(computed: dict[str, torch.Tensor]) -> dict:
     return {"scores": scores, "counts": counts}
 
 
-def score_predictions(release: Release, split: str, answers: dict[str, dict]) -> dict:
-    """Extracts each prediction's option and scores the split; lists failures, missing and extra ids."""
+def score_predictions(release: Release, split: str, answers: dict[str, dict], mode: str = "official") -> dict:
+    """Reads each prediction's option (`mode`: see src/eval/answers.py) and scores the split;
+    lists failures, missing and extra ids."""
     pids = release.split(split)
     wanted = set(pids)
     choices: dict[str, int | None] = {}
@@ -75,7 +77,7 @@ def score_predictions(release: Release, split: str, answers: dict[str, dict]) ->
             missing.append(pid)
             continue
         text = answers[pid]["text"]
-        choice = extract_choice(text, len(release.problems[pid]["choices"]))
+        choice = read_choice(text, len(release.problems[pid]["choices"]), mode)
         choices[pid] = choice
         if choice is None:
             failures.append({"id": pid, "answer": text})
@@ -84,6 +86,7 @@ def score_predictions(release: Release, split: str, answers: dict[str, dict]) ->
     result["missing"] = missing
     result["extra"] = sorted(key for key in answers if key not in wanted)
     result["choices"] = choices
+    result["mode"] = mode
     return result
 
 
@@ -102,6 +105,7 @@ def _notes(result: dict, bad: dict, split: str) -> list[str]:
     notes = [
         f"{counts.get('all', 0)} questions of split {split!r}: "
         + ", ".join(f"{name} {counts.get(name, 0)}" for name in CATEGORIES),
+        "replies read by LLaVA's eval_science_qa.py rule (official; src/eval/answers.py)",
         f"failures (no option letter read, counted wrong): {len(result['failures'])}",
         f"missing predictions (counted wrong): {len(result['missing'])}"
         + (f", e.g. {', '.join(result['missing'][:5])}" if result["missing"] else ""),
@@ -120,12 +124,19 @@ def write_report(
     result: dict,
     bad: dict,
     judged: dict | None = None,
+    lenient: dict | None = None,
 ) -> str:
-    """Writes report.md, report.json and per_question.jsonl to `out`; returns the Markdown."""
+    """Writes report.md and report.json to `out`; returns the Markdown. `result` is read
+    `official` (the table's main row); `lenient`, when given, is a second, labelled row."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if result.get("mode", "official") != "official":
+        raise ValueError("the report's main row is read by the official rule; pass other readings as `lenient`")
     rows = [(method, result)]
     notes = _notes(result, bad, split)
+    if lenient is not None:
+        rows.append((f"{method} (lenient reading)", lenient))
+        notes.append(f"lenient reading: failures {len(lenient['failures'])} (official: {len(result['failures'])})")
     if judged is not None:
         rows.append((f"{method} + judge ({judged['judge_model']})", judged))
         notes.append("judge: " + ", ".join(f"{k} {v}" for k, v in judged["routes"].items()))
@@ -134,6 +145,7 @@ def write_report(
     report = {
         "split": split,
         "method": method,
+        "reader": "official",
         "columns": list(COLUMNS),
         "scores": result["scores"],
         "counts": result["counts"],
@@ -142,13 +154,17 @@ def write_report(
         "extra": result["extra"],
         "unread_lines": bad["bad_lines"],
     }
+    if lenient is not None:
+        report["lenient"] = {k: lenient[k] for k in ("scores", "counts", "failures")}
     if judged is not None:
         report["judge"] = {k: judged[k] for k in ("judge_model", "scores", "counts", "routes", "usage")}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     return text
 
 
-def _per_question(out: Path, release: Release, split: str, answers: dict, result: dict, judged: dict | None) -> None:
+def _per_question(
+    out: Path, release: Release, split: str, answers: dict, result: dict, judged: dict | None, lenient: dict | None
+) -> None:
     with open(out / "per_question.jsonl", "w") as stream:
         for pid in release.split(split):
             problem = release.problems[pid]
@@ -161,6 +177,9 @@ def _per_question(out: Path, release: Release, split: str, answers: dict, result
                 "correct": choice == int(problem["answer"]),
                 "categories": categories(problem),
             }
+            if lenient is not None:
+                other = lenient["choices"].get(pid)
+                row["read_lenient"] = None if other is None else OPTIONS[other]
             if judged is not None:
                 outcome = judged["outcomes"].get(pid)
                 row["judge"] = outcome
@@ -174,21 +193,25 @@ def score(
     out: Path | str,
     method: str | None = None,
     judge: Path | str | None = None,
+    lenient: bool = False,
 ) -> str:
-    """The `score` command: returns the Markdown it wrote."""
+    """The `score` command: returns the Markdown it wrote. The table reads replies `official`;
+    `lenient=True` adds a labelled row read by the lenient mode."""
     release = load_release(root)
     answers, bad = read_answers(predictions)
     if method is None:
         models = {a["model"] for a in answers.values() if a.get("model")}
         method = models.pop() if len(models) == 1 else Path(predictions).stem
-    result = score_predictions(release, split, answers)
+    result = score_predictions(release, split, answers, "official")
+    loose = score_predictions(release, split, answers, "lenient") if lenient else None
     judged = None
     if judge is not None:
         from src.eval.scienceqa_judge import run_ensemble
 
         judged = run_ensemble(release, split, answers, result, judge, Path(out))
-    text = write_report(out, split, method, result, bad, judged)
-    _per_question(Path(out), release, split, answers, result, judged)
+        judged |= score_choices(release, release.split(split), judged["finals"], set(result["missing"]))
+    text = write_report(out, split, method, result, bad, judged, loose)
+    _per_question(Path(out), release, split, answers, result, judged, loose)
     return text
 
 
@@ -215,6 +238,11 @@ def main(argv: list[str] | None = None) -> None:
     sc.add_argument(
         "--judge", type=Path, default=None, help="judge client YAML (src.instruct.client.ChatConfig fields)"
     )
+    sc.add_argument(
+        "--lenient",
+        action="store_true",
+        help="add a row read by the lenient mode (src/eval/answers.py) beside the official reading",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from src.instruct.client import ChatError  # a judge that cannot start (no key) is a usage error too
@@ -229,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
                 + (f"; skipped {sum(skipped.values())}: {skipped}" if skipped else "")
             )
             return
-        print(score(args.root, args.split, args.predictions, args.out, args.method, args.judge), end="")
+        print(score(args.root, args.split, args.predictions, args.out, args.method, args.judge, args.lenient), end="")
     except (FileNotFoundError, ValueError, ChatError) as error:
         parser.error(str(error))
 

@@ -11,6 +11,12 @@ own `eval_science_qa_gpt4.py` settles the first of them:
 - a question with no model prediction stays unanswered (wrong): the ensemble judges the
   model's answers, it does not replace a missing run.
 Every exchange is written to `judge.jsonl` in the report folder, so a score can be audited.
+
+Replies, the model's and the judge's, are read by the one reader of the table's main row
+(`src/eval/answers.py`, `official`: `eval_science_qa.py`'s three rules). LLaVA's
+`eval_science_qa_gpt4*.py` read both with its third rule only ("The answer is X." exactly
+once), and give a question whose replies both fail a random option; here such a question has
+no option and is wrong, so the ensemble's row never depends on a random draw.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from src.eval.answers import extract_choice
+from src.eval.answers import read_choice
 from src.eval.scienceqa_data import OPTIONS, Release, choice_text, context_text
 
 SYSTEM = "You are a helpful assistant that answers science questions for students."
@@ -71,7 +77,7 @@ async def judge_one(client, problem: dict, model_reply: str, model_choice: int |
         first = await client.chat(answer_prompt(problem))
     except ChatError as error:
         return outcome | {"route": "judge_error", "error": str(error)}
-    judge_choice = extract_choice(first.text, n)
+    judge_choice = read_choice(first.text, n, "official")
     outcome |= {"judge": _letter(judge_choice), "judge_reply": first.text}
     if judge_choice is None:
         return outcome | {"route": "judge_no_answer"}
@@ -81,7 +87,7 @@ async def judge_one(client, problem: dict, model_reply: str, model_choice: int |
         second = await client.chat(arbitrate_prompt(problem, model_reply, first.text))
     except ChatError as error:
         return outcome | {"route": "arbitration_error", "error": str(error)}
-    final = extract_choice(second.text, n)
+    final = read_choice(second.text, n, "official")
     outcome["arbitration_reply"] = second.text
     if final is None:
         return outcome | {"route": "arbitration_no_answer"}
@@ -99,10 +105,10 @@ async def _judge_all(config, jobs: list[tuple[str, dict, str, int | None]]) -> t
 def run_ensemble(
     release: Release, split: str, answers: dict[str, dict], result: dict, judge: Path | str, out: Path
 ) -> dict:
-    """Runs the judge over the split's answered questions and scores the ensemble's choices:
-    a table row (scores, counts) plus routes, usage and per-question outcomes."""
+    """Runs the judge over the split's answered questions: the ensemble's chosen option per
+    question (`finals`, None: none), routes, usage and per-question outcomes. The caller scores
+    `finals` into the table's row."""
     from src.eval.judge import load_chat_config
-    from src.eval.scienceqa import score_choices
 
     config = load_chat_config(judge)
     pids = release.split(split)
@@ -112,14 +118,14 @@ def run_ensemble(
     ]
     outcomes, usage = asyncio.run(_judge_all(config, jobs)) if jobs else ({}, {})
     finals = {pid: (None if o["final"] is None else OPTIONS.index(o["final"])) for pid, o in outcomes.items()}
-    row = score_choices(release, pids, finals, missing)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "judge.jsonl", "w") as stream:
         for pid, outcome in outcomes.items():
             stream.write(json.dumps({"id": pid, **outcome}, ensure_ascii=False) + "\n")
     routes = Counter(o["route"] for o in outcomes.values())
     order = ("agree", "arbitrated", "judge_no_answer", "arbitration_no_answer", "judge_error", "arbitration_error")
-    return row | {
+    return {
+        "finals": finals,
         "judge_model": config.model,
         "routes": {name: routes.get(name, 0) for name in order},
         "usage": usage,

@@ -365,7 +365,8 @@ class VisionTower(nn.Module):
         )
 
     def wrap_modules(self) -> list[nn.Module]:
-        """The repeated blocks, the units FSDP shards and wraps one by one."""
+        """The repeated blocks, in forward order: the units FSDP2 shards one by one, and the blocks
+        activation checkpointing wraps where they train (`src.training.sharding`), whatever the tower."""
         raise NotImplementedError
 
     def unused_parameters(self) -> list[nn.Parameter]:
@@ -389,6 +390,39 @@ class VisionTower(nn.Module):
 VISION_TOWERS: Registry[type[VisionTower]] = Registry("vision tower type")
 
 
+def check_timm_activation(name: str, kwargs: dict) -> None:
+    """Refuses pretrained weights trained with QuickGELU in a timm architecture that runs GELU.
+
+    timm registers OpenAI's CLIP weights (and MetaCLIP's, DFN's, some LAION ones) under GELU
+    architectures too, `vit_large_patch14_clip_336.openai` beside
+    `vit_large_patch14_clip_quickgelu_336.openai`, and notes on the former's pretrained config
+    that the weights are "natively QuickGELU". Loaded into GELU blocks they run, but every block's
+    activations differ from the model that was trained, so the features are not the published
+    tower's. An error, not a warning: a warning is lost in the log of a days-long run, and the fix
+    is one word. An explicit `kwargs.act_layer` is the user's choice and is respected.
+    """
+    from timm.layers import QuickGELU
+    from timm.models import get_pretrained_cfg
+
+    if "act_layer" in kwargs:
+        return
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not any("QuickGELU" in note for note in cfg.notes or ()):
+        return
+    arch = name.split(".")[0]
+    with torch.device("meta"):  # the architecture as `kwargs` build it, without memory or weights
+        model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+    if any(isinstance(module, QuickGELU) for module in model.modules()):
+        return
+    variant = arch.replace("_clip_", "_clip_quickgelu_")
+    instead = f"name: {variant}.{cfg.tag} (the same weights in QuickGELU blocks), or " if timm.is_model(variant) else ""
+    raise ValueError(
+        f"timm model {name!r}: its pretrained weights were trained with QuickGELU (timm's note on "
+        f"{arch}.{cfg.tag}), but {arch} runs GELU, so its features would not be the trained model's; use "
+        f"{instead}kwargs: {{act_layer: quick_gelu}} (or another act_layer, to choose the activation yourself)"
+    )
+
+
 @VISION_TOWERS.register("timm")
 class TimmVisionTower(VisionTower):
     """A timm model cut at a block (ViT-style: ViT, SigLIP, EVA, DeiT ...) or at a feature
@@ -402,6 +436,8 @@ class TimmVisionTower(VisionTower):
         if not timm.is_model(name.split(".")[0]):
             raise ValueError(f"unknown timm model {name!r}; see timm.list_models()")
         kwargs = dict(config.kwargs)
+        if config.pretrained:  # before any download
+            check_timm_activation(name, kwargs)
         create = dict(pretrained=bool(config.pretrained), num_classes=0)
         try:
             sized = kwargs | ({"img_size": config.image_size} if config.image_size is not None else {})

@@ -351,7 +351,9 @@ class TrainingTelemetry(Callback):
       step. Validation runs are left out; the logging and checkpoint writes that Lightning
       does between steps count as waiting;
     - `perf/peak_memory_gb` (see `peak_memory_gb`), `perf/grad_norm` (before clipping: Lightning
-      clips after `on_before_optimizer_step`), `lr/<group name>` per parameter group;
+      clips after `on_before_optimizer_step`; of the step's token-mean gradients, which
+      `LlavaLitModule` sets inside the optimizer's closure, before this hook), `lr/<group name>`
+      per parameter group;
     - `perf/tflops_per_s_per_device` (model FLOPs, `flops_model`; achieved, not peak), and
       `perf/mfu` when a peak is known (`peak_flops`, `peak_table`, or the device's row of
       `PEAK_FLOPS`; none on a CPU unless given).

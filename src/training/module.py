@@ -16,7 +16,8 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import AutoTokenizer
 
-from src.data.conversation import IGNORE_INDEX, IMAGE_TAG, parse_choice
+from src.data.conversation import IGNORE_INDEX, IMAGE_TAG
+from src.eval.answers import read_choice
 from src.eval.multiple_choice import MultipleChoiceAccuracy
 from src.model.generation import GenerationConfig, StopStrings, decode_reply, row_generators
 from src.model.language import LLMConfig, build_llm, check_quantization, prepare_tokenizer
@@ -25,6 +26,7 @@ from src.model.lora import apply_lora
 from src.model.projector import ProjectorConfig, build_projector
 from src.model.vision import VisionConfig, build_vision_tower
 from src.model.weights import load_parts, read_state
+from src.training.accumulation import TokenWindow, scale_gradients
 from src.training.sharding import FSDPConfig, cast_frozen, checkpoint_blocks, compile_blocks, shard_model
 from src.training.stage import (  # noqa: F401  (FreezeConfig, OptimizerConfig, warmup_cosine: the stage API)
     PARTS,
@@ -139,6 +141,7 @@ class LlavaLitModule(LightningModule):
         self.skipped: Counter[str] = Counter()
         self.bad_steps = 0  # non-finite losses in a row
         self.bad_total = 0
+        self.window = TokenWindow()  # the micro-batches since the last optimizer step
 
     # ---- building -------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -165,7 +168,8 @@ class LlavaLitModule(LightningModule):
         if cast:
             rank_zero_info(f"frozen parts stored in {self.hparams.frozen_dtype}: {', '.join(cast)}")
         if self.fsdp_config.activation_checkpointing:
-            rank_zero_info(f"activation checkpointing: {checkpoint_blocks(self.model)} trained blocks")
+            counts = checkpoint_blocks(self.model)
+            rank_zero_info(f"activation checkpointing: {counts['vision']} tower blocks, {counts['llm']} decoder layers")
         if self.fsdp_config.compile_blocks:
             rank_zero_info(f"torch.compile: {compile_blocks(self.model)} decoder layers")
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over its data-parallel dimension
@@ -255,28 +259,50 @@ class LlavaLitModule(LightningModule):
                 if key.startswith(stage):
                     self.log(f"data/skipped_{key.replace('/', '_')}", float(n), on_step=True, on_epoch=False)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         self._count_skips(batch, "train")
         with _oom_advice(self, batch):
             out = self(batch)
-        if self._nonfinite(out.loss):
-            return None  # Lightning skips backward and the optimizer step
-        loss = self._data_parallel_loss(out.loss, out.supervised_tokens)
-        size = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=self.trainer.world_size > 1)
-        self.log("train/supervised_tokens", float(out.supervised_tokens), batch_size=size)
-        return loss
+        bad, step_tokens = self._step_stats(out.loss, out.supervised_tokens)
+        if self._nonfinite(bad):
+            return self._skipped_step(out.loss.device)
+        return self._token_weighted_loss(out.loss, out.supervised_tokens, step_tokens)
 
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
         with _oom_advice(self, None):
             super().backward(loss, *args, **kwargs)
 
-    def _nonfinite(self, loss: torch.Tensor) -> bool:
-        """True when any rank's loss is NaN or infinite: every rank skips, or DDP would hang."""
-        bad = torch.tensor(float(not torch.isfinite(loss).all()), device=loss.device)
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Runs Lightning's closure (the last micro-batch's step and backward), then puts the window's
+        gradients on its token mean, before the gradient-norm callbacks, clipping and the optimizer."""
+
+        def closure():
+            result = optimizer_closure()
+            self._end_window()
+            return result
+
+        optimizer.step(closure=closure if optimizer_closure is not None else None)
+
+    def _step_stats(self, loss: torch.Tensor, tokens: int) -> tuple[float, float]:
+        """(ranks whose loss is NaN or infinite, supervised tokens of all ranks) in one collective."""
+        stats = torch.tensor([float(not torch.isfinite(loss).all()), float(tokens)], device=loss.device)
         if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        if float(bad) == 0:
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        bad, step_tokens = stats.tolist()
+        return bad, step_tokens
+
+    def _skipped_step(self, device: torch.device) -> torch.Tensor | None:
+        """What a skipped micro-batch returns: None (Lightning skips backward) in one process. With
+        several, Lightning refuses None (it cannot know every rank skips), so every rank returns a
+        leaf zero instead: its backward reaches no parameter and runs no collective, so nothing of the
+        bad micro-batch enters a gradient; the window's other micro-batches still count."""
+        if self.trainer.world_size > 1:
+            return torch.zeros((), device=device, requires_grad=True)
+        return None
+
+    def _nonfinite(self, bad: float) -> bool:
+        """True when any rank's loss is NaN or infinite (`bad` ranks): every rank skips, or DDP would hang."""
+        if bad == 0:
             self.bad_steps = 0
             return False
         self.bad_steps += 1
@@ -291,20 +317,33 @@ class LlavaLitModule(LightningModule):
             )
         return True
 
-    def _data_parallel_loss(self, loss: torch.Tensor, tokens: int) -> torch.Tensor:
-        """Each rank's mean loss, weighted by its share of the step's supervised tokens.
+    def _token_weighted_loss(self, loss: torch.Tensor, tokens: int, step_tokens: float) -> torch.Tensor:
+        """This rank's micro-batch loss, weighted so that the optimizer step sees the mean over every
+        supervised token of its global batch, over ranks and accumulation micro-batches alike.
 
-        DDP and FSDP average gradients over ranks; with ranks holding different numbers of
-        supervised tokens, a plain average would weight a token on a short rank more than one
-        on a long rank. Scaled by `tokens x ranks / all tokens`, the average is the global
-        batch's token mean, exactly what one process with the whole batch computes.
+        DDP and FSDP average gradients over ranks and Lightning divides each micro-batch by the
+        accumulation steps: a plain mean per micro-batch would weight a token of a short micro-batch
+        more than one of a long one. Each micro-batch backpropagates its token sum times
+        `ranks / first`, and `_end_window` rescales the gradients by `accumulate x first / window
+        tokens` (`src.training.accumulation`): exactly what one process computes on the whole batch.
         """
-        world = self.trainer.world_size
-        if world <= 1:
-            return loss
-        count = torch.tensor(float(tokens), device=loss.device)
-        total = self.trainer.strategy.reduce(count.clone(), reduce_op="sum")
-        return loss * (count * world / total.clamp(min=1.0))
+        return loss * self.window.weight(loss, tokens, step_tokens, self.trainer.world_size)
+
+    def _end_window(self) -> None:
+        """After the window's last backward: gradients to the window's token mean; logs its loss."""
+        window, self.window = self.window, TokenWindow()
+        if window.first is None:  # every micro-batch was skipped, on every rank alike
+            return
+        stats = window.local_stats(self.device)
+        if self.trainer.world_size > 1:
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        loss_sum, tokens = stats.tolist()
+        factor = window.gradient_factor(tokens, self.trainer.accumulate_grad_batches)
+        if factor != 1.0:
+            scale_gradients(self.parameters(), factor)
+        self.log("train/supervised_tokens", tokens, batch_size=1)
+        if tokens > 0:
+            self.log("train/loss", loss_sum / tokens, prog_bar=True, batch_size=1)
 
     def _evaluate(self, batch: dict, stage: str, metric: MultipleChoiceAccuracy) -> None:
         self._count_skips(batch, stage)
@@ -339,7 +378,8 @@ class LlavaLitModule(LightningModule):
             )  # fmt: skip
             picked = []
             for reply, options in zip(replies, candidates, strict=True):
-                choice = parse_choice(self.tokenizer.decode(reply, skip_special_tokens=True), len(options))
+                text = self.tokenizer.decode(reply, skip_special_tokens=True).strip()  # as predict writes it
+                choice = read_choice(text, len(options), "official")  # the paper's scorer's rule: see answers.py
                 picked.append(-1 if choice is None else choice)
             predicted = torch.tensor(picked, device=rows.device)
         else:

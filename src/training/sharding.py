@@ -29,7 +29,8 @@ class FSDPConfig:
     reshard_after_forward: bool = True
     """Free gathered parameters after each block's forward (ZeRO-3); false keeps them (ZeRO-2, faster)."""
     activation_checkpointing: bool = False
-    """Recompute each trained block in backward (non-reentrant) instead of keeping its activations."""
+    """Recompute each trained block in backward (non-reentrant) instead of keeping its activations: the
+    tower's blocks of any tower type (its `wrap_modules()`) and the LLM's decoder layers (`checkpoint_blocks`)."""
     compile_blocks: bool = False
     """torch.compile each decoder layer in place (checkpoint keys unchanged), before sharding, as
     torchtitan does. The first steps pay the compilation (and each new shape family a recompile);
@@ -80,21 +81,42 @@ def compile_blocks(model: nn.Module) -> int:
     return len(layers)
 
 
-def checkpoint_blocks(model: nn.Module) -> int:
-    """Wraps every trained block for activation checkpointing; returns how many."""
+def wrap_in_place(root: nn.Module, targets: list[nn.Module], wrap) -> None:
+    """Replaces each of `targets` (submodules of `root`) by `wrap(target)` where its parent holds it,
+    whatever the container (ModuleList, Sequential, attribute), so the parent's forward runs the wrapper."""
+    wanted = {id(module) for module in targets}
+    found = [
+        (parent, name, child)
+        for parent in root.modules()
+        for name, child in parent.named_children()
+        if id(child) in wanted
+    ]
+    if len(found) != len(wanted):
+        raise ValueError(f"{len(wanted) - len(found)} of {len(wanted)} blocks are not submodules of the model")
+    for parent, name, child in found:
+        setattr(parent, name, wrap(child))
+
+
+def checkpoint_blocks(model: nn.Module) -> dict[str, int]:
+    """Wraps every trained block for activation checkpointing (non-reentrant); returns how many per part.
+
+    The blocks are the tower's own (`wrap_modules()`: a timm ViT's blocks or CNN's stages, a
+    transformers tower's encoder layers, each tower's of a fused one) and the LLM's decoder layers;
+    a block trains when any of its parameters does (a LoRA adapter counts). Frozen blocks are left
+    alone: a frozen tower runs without autograd, and the recomputation of frozen decoder layers that
+    gradients pass through is `model.llm.gradient_checkpointing`'s job.
+    """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
-    wrapped = 0
-    containers = [decoder_layers(model)]
-    blocks = getattr(model.vision, "model", None)
-    if isinstance(getattr(blocks, "blocks", None), nn.Sequential | nn.ModuleList):
-        containers.append(blocks.blocks)
-    for container in containers:
-        for i, block in enumerate(container):
-            if any(p.requires_grad for p in block.parameters()):
-                container[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
-                wrapped += 1
-    return wrapped
+    def wrap(block: nn.Module) -> nn.Module:
+        return checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+
+    counts = {}
+    for part, blocks in (("vision", model.vision.wrap_modules()), ("llm", list(decoder_layers(model)))):
+        trained = [block for block in blocks if any(p.requires_grad for p in block.parameters())]
+        wrap_in_place(model, trained, wrap)
+        counts[part] = len(trained)
+    return counts
 
 
 def shard_model(model: nn.Module, mesh, config: FSDPConfig) -> list[str]:

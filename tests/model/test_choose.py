@@ -11,9 +11,10 @@ import pytest
 import torch
 from tiny_models import tiny_lit_module
 
-from src.data.conversation import IGNORE_INDEX, ConversationEncoder, build_template, parse_choice
+from src.data.conversation import IGNORE_INDEX, ConversationEncoder, build_template
 from src.data.datamodule import ShardStream
 from src.data.samples import ExampleBuilder
+from src.eval.answers import read_choice
 from src.training.module import LlavaLitModule
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -71,16 +72,18 @@ def test_reasoned_format_parses_the_greedy_reply(module, shards, greedy_referenc
             reply = greedy_reference(
                 module.model, prompt, batch["pixel_values"][row : row + 1], 5, tokenizer.eos_token_id
             )
-            choice = parse_choice(tokenizer.decode(reply, skip_special_tokens=True), 4)
+            choice = read_choice(tokenizer.decode(reply, skip_special_tokens=True).strip(), 4, "official")
             expected.append(-1 if choice is None else choice)
     assert predicted.tolist() == expected
 
 
 def test_reasoned_replies_are_read_as_letters(module, shards, monkeypatch):
-    """The generated ids are decoded and parsed; no "The answer is X" is -1, always wrong."""
+    """The generated ids are decoded and read by the official rule (src/eval/answers.py): a reply
+    that names no option is -1, always wrong; "The answer is C" with nothing after it names none
+    (LLaVA's pattern needs a character after the letter; the lenient mode would read C)."""
     batch = mc_batch(module, shards, "reasoned", rows=4)
     tokenizer = module.tokenizer
-    texts = ["red . The answer is C .", "A circle .", "B", "The answer is D . The answer is A ."]
+    texts = ["red . The answer is C .", "The answer is C", "B", "The answer is D . The answer is A ."]
     seen = {}
 
     def fake_generate(input_ids, prompt_lengths, pixel_values, max_new_tokens, eos_token_id, all_done=None):

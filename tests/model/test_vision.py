@@ -25,6 +25,7 @@ from src.model.vision import (
     TimmVisionTower,
     VisionConfig,
     build_vision_tower,
+    check_timm_activation,
     default_anyres_grids,
     select_best_resolution,
 )
@@ -475,6 +476,56 @@ def test_fused_construction_errors(options, message):
 def test_fused_frozen_forward_and_training_backward(small_pixels):
     torch.manual_seed(0)
     frozen_then_trained(build_vision_tower(fused_config()), small_pixels.sigmoid())
+
+
+# ---- QuickGELU weights in GELU blocks -------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "variant"),
+    [
+        ("vit_large_patch14_clip_336.openai", "vit_large_patch14_clip_quickgelu_336.openai"),  # LLaVA-1.5's CLIP
+        ("vit_large_patch14_clip_224.openai", "vit_large_patch14_clip_quickgelu_224.openai"),
+        ("vit_base_patch16_clip_224.openai", "vit_base_patch16_clip_quickgelu_224.openai"),
+        ("vit_base_patch32_clip_224.openai", "vit_base_patch32_clip_quickgelu_224.openai"),
+        ("vit_base_patch16_clip_224.metaclip_400m", "vit_base_patch16_clip_quickgelu_224.metaclip_400m"),
+        ("vit_huge_patch14_clip_224.dfn5b", "vit_huge_patch14_clip_quickgelu_224.dfn5b"),
+    ],
+)
+def test_quick_gelu_weights_in_a_gelu_timm_model_are_refused_before_any_download(name, variant):
+    """timm's own registry says which weights are natively QuickGELU; the error names the variant that
+    runs them as trained (and comes before create_model, so nothing is fetched: the tests are offline)."""
+    message = (
+        f"timm model {name!r}: its pretrained weights were trained with QuickGELU (timm's note on {name}), but "
+        f"{name.split('.')[0]} runs GELU, so its features would not be the trained model's; use name: {variant} "
+        "(the same weights in QuickGELU blocks), or kwargs: {act_layer: quick_gelu}"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_vision_tower(VisionConfig(name=name, pretrained=True, feature_layer=-2))
+    assert timm.get_pretrained_cfg(variant.split(".")[0]) is not None  # the variant timm registers
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("vit_large_patch14_clip_quickgelu_336.openai", {}),  # QuickGELU blocks for QuickGELU weights
+        ("vit_large_patch14_clip_quickgelu_336", {}),  # its default tag is openai
+        ("vit_large_patch14_clip_336.openai", {"act_layer": "quick_gelu"}),  # the activation set explicitly
+        ("vit_large_patch14_clip_336.openai", {"act_layer": "gelu"}),  # GELU chosen knowingly
+        ("vit_large_patch14_clip_336.openai_ft_in12k_in1k", {}),  # fine-tuned by timm in GELU blocks
+        ("vit_large_patch14_clip_336.laion2b_ft_in12k_in1k", {}),  # trained with GELU
+        ("vit_large_patch14_clip_336", {}),  # default tag laion2b_ft_in12k_in1k
+        ("vit_base_patch16_224", {}),
+    ],
+)
+def test_timm_weights_that_match_their_activation_pass(name, kwargs):
+    check_timm_activation(name, kwargs)
+
+
+def test_a_gelu_clip_without_pretrained_weights_builds():
+    """No weights, nothing to mismatch: the architecture by the QuickGELU tag's name trains as GELU."""
+    kwargs = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+    tower = build_vision_tower(VisionConfig(name="vit_base_patch32_clip_224.openai", kwargs=kwargs, image_size=64))
+    assert isinstance(tower.model.blocks[0].mlp.act, torch.nn.GELU)
+    assert tower.grid == (2, 2)
 
 
 # ---- registry and fields ------------------------------------------------------------------

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from src.data.conversation import IGNORE_INDEX
 from src.data.samples import Example
 from src.data.stream import collate
+from src.training.callbacks import gradient_norm
 from src.training.module import FreezeConfig, LlavaLitModule, OptimizerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +28,7 @@ GLOBAL_BATCH = 4
 IMAGE_TOKENS = 4  # 64 px in 32 px patches
 
 
-def make_rows(steps: int, equal_lengths: bool, image_id: int) -> list[Example]:
+def make_rows(steps: int, equal_lengths: bool, image_id: int, nan_row: int = -1) -> list[Example]:
     g = torch.Generator().manual_seed(0)
     rows = []
     for i in range(steps * GLOBAL_BATCH):
@@ -37,6 +38,8 @@ def make_rows(steps: int, equal_lengths: bool, image_id: int) -> list[Example]:
         labels = ids.clone()
         labels[: len(ids) - answer] = IGNORE_INDEX
         pixels = torch.randn(1, 3, 64, 64, generator=g)
+        if i == nan_row:  # a corrupt image: the loss of whichever rank holds it is NaN
+            pixels[:] = float("nan")
         rows.append(Example(ids, labels, pixels))
     return rows
 
@@ -44,10 +47,12 @@ def make_rows(steps: int, equal_lengths: bool, image_id: int) -> list[Example]:
 class FixedBatches(LightningDataModule):
     """Step s, micro-step j, rank r: its slice of global batch s (contiguous rows)."""
 
-    def __init__(self, steps: int, micro: int, accumulate: int, equal_lengths: bool, image_id: int) -> None:
+    def __init__(
+        self, steps: int, micro: int, accumulate: int, equal_lengths: bool, image_id: int, nan_row: int = -1
+    ) -> None:
         super().__init__()
         self.steps, self.micro, self.accumulate = steps, micro, accumulate
-        self.rows = make_rows(steps, equal_lengths, image_id)
+        self.rows = make_rows(steps, equal_lengths, image_id, nan_row)
 
     def train_dataloader(self):
         rank, world = self.trainer.global_rank, self.trainer.world_size
@@ -63,11 +68,24 @@ class FixedBatches(LightningDataModule):
 
 
 class Losses(Callback):
+    """The logged `train/loss` of each optimizer step (the module logs it once per step, at its end), and
+    the gradient norm the optimizer step starts from (before clipping: what TrainingTelemetry logs)."""
+
     def __init__(self) -> None:
         self.values: list[float] = []
+        self.grad_norms: list[float] = []
+        self.step = 0
+
+    def on_train_start(self, trainer, module) -> None:
+        self.step = trainer.global_step
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self.values.append(float(trainer.callback_metrics["train/loss"]))
+        if trainer.global_step != self.step:  # this batch ended an optimizer step
+            self.step = trainer.global_step
+            self.values.append(float(trainer.callback_metrics["train/loss"]))
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:  # a collective under FSDP2: all ranks
+        self.grad_norms.append(gradient_norm([p.grad for p in module.parameters() if p.grad is not None]))
 
 
 def main() -> None:
@@ -77,6 +95,8 @@ def main() -> None:
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--equal-lengths", action="store_true")
+    parser.add_argument("--clip", type=float, default=0.0, help="gradient_clip_val (0: none)")
+    parser.add_argument("--nan-row", type=int, default=-1, help="this row of all the steps' rows has NaN pixels")
     parser.add_argument("--out", required=True)
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps into OUT-ckpt/")
     parser.add_argument("--resume", default=None, help="checkpoint (file or distributed folder) to resume from")
@@ -108,10 +128,12 @@ def main() -> None:
                                          save_top_k=-1, filename="{step}"))  # fmt: skip
     trainer = Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=args.steps,
-        accumulate_grad_batches=args.accumulate, logger=False, enable_checkpointing=bool(args.save_every),
+        accumulate_grad_batches=args.accumulate, gradient_clip_val=args.clip or None, logger=False, enable_checkpointing=bool(args.save_every),
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, use_distributed_sampler=False,
     )  # fmt: skip
-    data = FixedBatches(args.steps, args.micro, args.accumulate, args.equal_lengths, module.image_token_id)
+    data = FixedBatches(
+        args.steps, args.micro, args.accumulate, args.equal_lengths, module.image_token_id, args.nan_row
+    )
     trainer.fit(module, data, ckpt_path=args.resume)
     if args.strategy == "fsdp":
         state = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -119,7 +141,8 @@ def main() -> None:
         state = module.model.state_dict()
     if trainer.global_rank == 0:
         torch.save({k: v.detach().cpu() for k, v in state.items()}, args.out + ".pt")
-        Path(args.out + ".json").write_text(json.dumps(losses.values))
+        record = {"losses": losses.values, "grad_norms": losses.grad_norms, "bad_total": module.bad_total}
+        Path(args.out + ".json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":
