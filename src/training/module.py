@@ -168,8 +168,12 @@ class LlavaLitModule(LightningModule):
         if cast:
             rank_zero_info(f"frozen parts stored in {self.hparams.frozen_dtype}: {', '.join(cast)}")
         if self.fsdp_config.activation_checkpointing:
-            counts = checkpoint_blocks(self.model)
-            rank_zero_info(f"activation checkpointing: {counts['vision']} tower blocks, {counts['llm']} decoder layers")
+            by_hf = self.llm_config.gradient_checkpointing  # transformers' own checkpointing has the decoder layers
+            counts = checkpoint_blocks(self.model, llm=not by_hf)
+            layers = (
+                "decoder layers by model.llm.gradient_checkpointing" if by_hf else f"{counts['llm']} decoder layers"
+            )
+            rank_zero_info(f"activation checkpointing: {counts['vision']} tower blocks, {layers}")
         if self.fsdp_config.compile_blocks:
             rank_zero_info(f"torch.compile: {compile_blocks(self.model)} decoder layers")
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over its data-parallel dimension

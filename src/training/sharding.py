@@ -9,6 +9,8 @@ in float32); the root holds the LLM's embeddings, final norm and head.
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +58,23 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._data_parallel_size = self.world_size // self._tensor_parallel_size
         super().setup_environment()
 
+    @contextmanager
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        """Lightning enters this for every micro-batch but the last of an accumulation window
+        (its own ModelParallelStrategy does nothing here, so FSDP2 would reduce-scatter every
+        micro-batch): FSDP2 keeps the unsharded gradients and reduces their sum once, at the
+        window's last backward. The result is the same; the communication is 1 / accumulate."""
+        from torch.distributed.fsdp import FSDPModule
+
+        sharded = [m for m in self.lightning_module.modules() if isinstance(m, FSDPModule)]
+        for module in sharded:
+            module.set_requires_gradient_sync(False, recurse=False)
+        try:
+            yield
+        finally:
+            for module in sharded:
+                module.set_requires_gradient_sync(True, recurse=False)
+
 
 def _dtype(name: str | None) -> torch.dtype | None:
     if name is None:
@@ -97,8 +116,10 @@ def wrap_in_place(root: nn.Module, targets: list[nn.Module], wrap) -> None:
         setattr(parent, name, wrap(child))
 
 
-def checkpoint_blocks(model: nn.Module) -> dict[str, int]:
+def checkpoint_blocks(model: nn.Module, llm: bool = True) -> dict[str, int]:
     """Wraps every trained block for activation checkpointing (non-reentrant); returns how many per part.
+    `llm=False` leaves the decoder layers alone: with `model.llm.gradient_checkpointing` transformers
+    already recomputes them, and a second wrapper would run each trained layer's forward three times.
 
     The blocks are the tower's own (`wrap_modules()`: a timm ViT's blocks or CNN's stages, a
     transformers tower's encoder layers, each tower's of a fused one) and the LLM's decoder layers;
@@ -112,7 +133,8 @@ def checkpoint_blocks(model: nn.Module) -> dict[str, int]:
         return checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
     counts = {}
-    for part, blocks in (("vision", model.vision.wrap_modules()), ("llm", list(decoder_layers(model)))):
+    parts = [("vision", model.vision.wrap_modules()), ("llm", list(decoder_layers(model)) if llm else [])]
+    for part, blocks in parts:
         trained = [block for block in blocks if any(p.requires_grad for p in block.parameters())]
         wrap_in_place(model, trained, wrap)
         counts[part] = len(trained)

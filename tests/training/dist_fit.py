@@ -74,6 +74,7 @@ class Losses(Callback):
     def __init__(self) -> None:
         self.values: list[float] = []
         self.grad_norms: list[float] = []
+        self.synced: list[bool] = []  # per backward: do the (sharded) parameters hold gradients yet
         self.step = 0
 
     def on_train_start(self, trainer, module) -> None:
@@ -83,6 +84,9 @@ class Losses(Callback):
         if trainer.global_step != self.step:  # this batch ended an optimizer step
             self.step = trainer.global_step
             self.values.append(float(trainer.callback_metrics["train/loss"]))
+
+    def on_after_backward(self, trainer, module) -> None:
+        self.synced.append(any(p.grad is not None for p in module.parameters()))
 
     def on_before_optimizer_step(self, trainer, module, optimizer) -> None:  # a collective under FSDP2: all ranks
         self.grad_norms.append(gradient_norm([p.grad for p in module.parameters() if p.grad is not None]))
@@ -141,7 +145,12 @@ def main() -> None:
         state = module.model.state_dict()
     if trainer.global_rank == 0:
         torch.save({k: v.detach().cpu() for k, v in state.items()}, args.out + ".pt")
-        record = {"losses": losses.values, "grad_norms": losses.grad_norms, "bad_total": module.bad_total}
+        record = {
+            "losses": losses.values,
+            "grad_norms": losses.grad_norms,
+            "bad_total": module.bad_total,
+            "synced": losses.synced,
+        }
         Path(args.out + ".json").write_text(json.dumps(record))
 
 

@@ -43,10 +43,10 @@ TOWERS = {
 FULL = FreezeConfig(vision="full", projector="full", llm="full")
 
 
-def build(vision: dict, checkpointing: bool, freeze: FreezeConfig = FULL) -> LlavaLitModule:
+def build(vision: dict, checkpointing: bool, freeze: FreezeConfig = FULL, llm: dict = LLM) -> LlavaLitModule:
     torch.manual_seed(0)
     module = LlavaLitModule(
-        TOKENIZER, vision=vision, llm=LLM, freeze=freeze, fsdp=FSDPConfig(activation_checkpointing=checkpointing)
+        TOKENIZER, vision=vision, llm=llm, freeze=freeze, fsdp=FSDPConfig(activation_checkpointing=checkpointing)
     )
     module.configure_model()
     return module
@@ -117,3 +117,20 @@ def test_wrap_in_place_refuses_a_module_outside_the_model():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="1 of 1 blocks are not submodules of the model"):
         wrap_in_place(model, [torch.nn.Linear(2, 2)], lambda m: m)
+
+
+def test_decoder_layers_are_not_checkpointed_twice():
+    """With model.llm.gradient_checkpointing, transformers recomputes the decoder layers itself: the
+    activation-checkpointing wrapper takes only the tower's blocks, and each trained layer's forward
+    runs twice (forward, recomputation), not three times."""
+    module = build(TOWERS["timm_vit"], True, llm=LLM | {"gradient_checkpointing": True})
+    layers = list(module.model.llm.get_decoder().layers)
+    assert not any(isinstance(layer, CheckpointWrapper) for layer in layers)
+    assert all(isinstance(block, CheckpointWrapper) for block in module.model.vision.wrap_modules())
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        # inside the layer's forward, which transformers checkpoints (its hooks stay outside)
+        layer.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    module.train()
+    module(batch(module)).loss.backward()
+    assert calls == [2] * len(layers)
