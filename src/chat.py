@@ -36,6 +36,7 @@ from src.model.generation import (  # noqa: E402
     generate,
     row_generators,
 )
+from src.model.weights import NotACheckpoint, read_checkpoint  # noqa: E402
 
 DATA_DEFAULTS = {"template": "vicuna_v1", "system_prompt": None, "max_length": 2048}
 HELP = "commands: /image PATH (a new conversation about that image), /reset (forget the history), /help; Ctrl-D exits"
@@ -103,7 +104,7 @@ class ChatSession:
 def data_settings(ckpt: str, config: str | None) -> dict:
     """Template, system prompt and max length: defaults < the checkpoint's data settings < --config."""
     settings = dict(DATA_DEFAULTS)
-    stored = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("datamodule_hyper_parameters")
+    stored = read_checkpoint(ckpt, "--ckpt").get("datamodule_hyper_parameters")
     settings.update({k: v for k, v in (stored or {}).items() if k in DATA_DEFAULTS})
     if config is not None:
         data = (yaml.safe_load(Path(config).read_text()) or {}).get("data") or {}
@@ -117,6 +118,7 @@ def load_session(
 ) -> ChatSession:
     from src.training.module import LlavaLitModule
 
+    read_checkpoint(ckpt, "--ckpt")  # a wrong file is one line naming it, before Lightning reads it
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     module = LlavaLitModule.load_from_checkpoint(ckpt, map_location=device)
     module.to(device)
@@ -196,7 +198,11 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     overrides = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                  "seed": args.seed, "stop": args.stop}  # fmt: skip
-    session = load_session(args.ckpt, args.config, args.device, overrides)
+    try:
+        session = load_session(args.ckpt, args.config, args.device, overrides)
+    except (NotACheckpoint, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     session.set_image(args.image)
     try:
         with torch.no_grad():

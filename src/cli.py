@@ -2,27 +2,174 @@
 
 omegaconf parser mode lets recipes interpolate (`${model.init_args...}`); jsonargparse
 checks every key against the classes' signatures, so a misspelt key stops the run at
-once with its name instead of being silently ignored.
+once with its name instead of being silently ignored. What jsonargparse cannot know is
+checked here too, right after parsing and before anything is built: component names
+(projector, tower type, LLM dtype / attention / quantisation) against their registries,
+that `--ckpt_path` is a checkpoint of this kit and `model.init_from` a weights file. Each stops the run with one line and
+exit code 2, not a traceback from deep inside a build.
+
+A run that fails leaves no empty `version_N` folder behind: the logger's folder is
+removed when it holds nothing but the saved config (no checkpoint, no logged value).
 """
 
 from __future__ import annotations
 
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from src.data.datamodule import LlavaDataModule
+from src.model.language import ATTENTION_BACKENDS, DTYPES, QUANTIZATIONS
+from src.model.projector import ProjectorConfig
+from src.model.vision import VISION_TOWERS
+from src.model.weights import (
+    SPECIAL_CKPT_PATHS,
+    STATE_OR_CHECKPOINT,
+    NotACheckpoint,
+    check_loadable,
+    read_checkpoint,
+)
 from src.training.module import LlavaLitModule
+
+KEPT_WITHOUT_DATA = {"config.yaml", "hparams.yaml"}  # what a run writes before it has done anything
+
+
+def _plain(value: Any) -> Any:
+    """A jsonargparse Namespace (or anything else) as plain dicts."""
+    return value.as_dict() if hasattr(value, "as_dict") else value
+
+
+def _choose(key: str, value: object, known: list[str] | tuple[str, ...] | dict) -> None:
+    if value not in known:
+        raise ValueError(f"{key}: unknown value {value!r}; choose one of {list(known)}")
+
+
+def check_component_names(model: dict) -> None:
+    """Registry names in the `model:` config, so a typo stops the run before anything is built."""
+    projector = model.get("projector") or {}
+    try:
+        ProjectorConfig(**projector)
+    except ValueError as error:
+        raise ValueError(f"model.projector.name: {error}") from None
+    vision = model.get("vision") or {}
+    towers = {"model.vision.type": vision.get("type", "timm")}
+    for index, tower in enumerate(vision.get("towers") or []):
+        if isinstance(tower, dict):
+            towers[f"model.vision.towers[{index}].type"] = tower.get("type", "timm")
+    for key, kind in towers.items():
+        if kind not in VISION_TOWERS:
+            raise ValueError(f"{key}: unknown {VISION_TOWERS.kind} {kind!r}; choose one of {VISION_TOWERS.names()}")
+    llm = model.get("llm") or {}
+    for field, known in (
+        ("dtype", DTYPES),
+        ("attn_implementation", ATTENTION_BACKENDS),
+        ("quantization", QUANTIZATIONS),
+    ):
+        if field in llm:
+            _choose(f"model.llm.{field}", llm[field], known)
+
+
+def check_ckpt_path(ckpt_path: str | None) -> None:
+    """A local `--ckpt_path` must be a kit checkpoint; Lightning's own names and URLs are left to it."""
+    if not ckpt_path or ckpt_path in SPECIAL_CKPT_PATHS or ckpt_path.startswith("registry") or "://" in ckpt_path:
+        return
+    if not Path(ckpt_path).exists():
+        raise FileNotFoundError(f"--ckpt_path: no such file {ckpt_path}")
+    read_checkpoint(ckpt_path, "--ckpt_path")
+
+
+def _holds_data(event_file: Path) -> bool:
+    """Whether a TensorBoard event file has any logged value: hyperparameters, and the `hp_metric`
+    placeholder Lightning logs with them at start-up, do not count."""
+    try:
+        from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    except ImportError:
+        return True  # cannot tell: keep it
+    try:
+        for event in EventFileLoader(str(event_file)).Load():
+            if any(
+                value.metadata.plugin_data.plugin_name != "hparams" and value.tag != "hp_metric"
+                for value in event.summary.value
+            ):
+                return True
+    except Exception:  # a damaged file is still something the user may want to look at
+        return True
+    return False
+
+
+def is_empty_run(folder: Path) -> bool:
+    """A run folder with nothing but its config: no checkpoint, prediction or logged value."""
+    for path in folder.rglob("*"):
+        if path.is_dir() or path.name in KEPT_WITHOUT_DATA:
+            continue
+        if path.name.startswith("events.out.tfevents.") and not _holds_data(path):
+            continue
+        return False
+    return True
+
+
+def remove_empty_run_folders(trainer: Trainer) -> list[Path]:
+    """After a failed run: the loggers' `version_N` folders that hold nothing, removed; returns them."""
+    if not trainer.is_global_zero:
+        return []
+    removed = []
+    for logger in trainer.loggers:
+        log_dir = getattr(logger, "log_dir", None)
+        if not log_dir or "://" in str(log_dir):
+            continue
+        folder = Path(log_dir)
+        if folder.is_dir() and is_empty_run(folder):
+            shutil.rmtree(folder)
+            removed.append(folder)
+            try:
+                folder.parent.rmdir()  # `lightning_logs/` too, when this was its only run
+            except OSError:
+                pass
+    return removed
+
+
+class KitCLI(LightningCLI):
+    def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 (Lightning's signature)
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        try:
+            check_component_names(_plain(config.get("model")) or {})
+            check_ckpt_path(config.get("ckpt_path"))
+            init_from = (_plain(config.get("model")) or {}).get("init_from")
+            if init_from:  # its format only: its tensors are read once, when the model is built
+                check_loadable(init_from, "model.init_from", STATE_OR_CHECKPOINT)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            for folder in remove_empty_run_folders(self.trainer):
+                print(f"removed {folder}: the run failed before it wrote anything", file=sys.stderr)
+            raise
 
 
 def main(args: list[str] | None = None) -> LightningCLI:
     torch.set_float32_matmul_precision("high")
-    return LightningCLI(
-        LlavaLitModule,
-        LlavaDataModule,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    try:
+        return KitCLI(
+            LlavaLitModule,
+            LlavaDataModule,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except NotACheckpoint as error:  # init_from: a wrong file is one line, not a traceback
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

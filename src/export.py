@@ -33,6 +33,7 @@ from src.model.language import LLMConfig
 from src.model.llava import LlavaModel
 from src.model.projector import LinearProjector, MLPProjector, ProjectorConfig
 from src.model.vision import VisionConfig
+from src.model.weights import NotACheckpoint, read_checkpoint
 
 EXPORTABLE_TOWERS = {"clip_vision_model": "CLIP", "siglip_vision_model": "SigLIP"}
 EXPORTABLE_IMAGE_MODES = ("resize", "resize_crop", "pad")
@@ -303,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "to-hf":
             from src.training.module import LlavaLitModule
 
+            read_checkpoint(args.ckpt, "--ckpt")  # a wrong file is one line naming it, before Lightning reads it
             with single_file(args.ckpt) as ckpt:
                 module = LlavaLitModule.load_from_checkpoint(ckpt, map_location="cpu")
             print(f"wrote {export(module, args.out, args.dtype)}")
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"wrote {args.out}/model.yaml; train with: python -m src.cli fit --config YOUR.yaml --config {args.out}/model.yaml"
             )
-    except NotExportable as error:
+    except (NotExportable, NotACheckpoint, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -484,6 +484,9 @@ class ProjectorConfig:
     kwargs: dict = field(default_factory=dict)
     """Options of that projector, e.g. `{depth: 2}` for `mlp`."""
 
+    def __post_init__(self) -> None:
+        PROJECTORS.get(self.name)  # an unknown name stops the config here, not when the model is built
+
 
 def build_projector(
     config: ProjectorConfig, in_dim: int, out_dim: int, grid: tuple[int, int], prefix_tokens: int = 0

@@ -362,6 +362,70 @@ def test_requeue_callback_keeps_the_newest_hpc_checkpoints(tmp_path: Path) -> No
         slurm.SlurmRequeue(every_n_steps=0)
 
 
+# ---- without a cluster: skipped on a bare machine, a failure under CI -------------------------------
+
+
+def _cluster_fixture_module():
+    """conftest.py as a plain module (pytest imports it under a name tests cannot rely on)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launch_conftest", Path(__file__).with_name("conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _no_slurm_installed(monkeypatch, tmp_path: Path):
+    module = _cluster_fixture_module()
+    monkeypatch.setattr(module, "_which", lambda name: None)
+    return module, module.SlurmCluster(tmp_path)
+
+
+MISSING = (
+    "not installed: slurmctld, slurmd, munged, sbatch, scontrol, sinfo, squeue, scancel, srun, munge "
+    "(apt-get install -y slurm-wlm munge; .ci/run does it)"
+)
+
+
+@pytest.mark.parametrize("ci", [None, "", "false"])
+def test_without_slurm_the_cluster_tests_skip_saying_why(monkeypatch, tmp_path: Path, ci: str | None) -> None:
+    module, cluster = _no_slurm_installed(monkeypatch, tmp_path)
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        module.start_or_skip(cluster)
+    assert str(skipped.value) == f"no SLURM cluster for the tests: {MISSING}; under CI=true this fails"
+
+
+@pytest.mark.parametrize("ci", ["true", "TRUE", "1"])
+def test_under_ci_a_missing_slurm_fails(monkeypatch, tmp_path: Path, ci: str) -> None:
+    module, cluster = _no_slurm_installed(monkeypatch, tmp_path)
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(pytest.fail.Exception) as failed:
+        module.start_or_skip(cluster)
+    assert str(failed.value) == f"could not start a SLURM cluster for the tests: {MISSING}"
+
+
+def test_a_cluster_that_breaks_fails_even_outside_ci(monkeypatch, tmp_path: Path) -> None:
+    module = _cluster_fixture_module()
+    monkeypatch.delenv("CI", raising=False)
+
+    class Broken(module.SlurmCluster):
+        def start(self) -> None:
+            raise module.ClusterError("slurmctld exited during start-up")
+
+    with pytest.raises(pytest.fail.Exception, match="^could not start a SLURM cluster for the tests: slurmctld exited"):
+        module.start_or_skip(Broken(tmp_path))
+
+
+def test_ci_run_sets_ci_so_a_missing_slurm_fails_there() -> None:
+    script = (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text()
+    assert 'export CI="${CI:-true}"' in script
+    assert script.index('export CI="${CI:-true}"') < script.index("nox -s tests")
+
+
 # ---- a real cluster ------------------------------------------------------------------------------
 
 STEPS = 12
