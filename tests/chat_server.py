@@ -5,8 +5,9 @@
 
 `http.server.ThreadingHTTPServer` on 127.0.0.1 (a free port) in a background thread:
 POST /v1/chat/completions answers in OpenAI's format with the text `respond(request_json)`
-returns; GET /v1/models lists one model. Faults, by request number (0-based, in arrival
-order over all requests) or from a callable:
+returns (finish_reason "stop"), or with `(text, finish_reason)` when it returns a pair (e.g.
+"length" for a reply cut off at max_tokens); GET /v1/models lists one model. Faults, by
+request number (0-based, in arrival order over all requests) or from a callable:
     "429"        429 with Retry-After: `retry_after` seconds
     "500", "503" a server error
     "slow"       holds the request `slow_s` seconds (past the client's timeout), then answers
@@ -52,7 +53,7 @@ def random_faults(rate: float, seed: int = 0, kinds: tuple[str, ...] = ("429", "
 class ChatServer:
     def __init__(
         self,
-        respond: Callable[[dict], str],
+        respond: Callable[[dict], str | tuple[str, str]],
         faults: FaultPlan = None,
         delay_s: float = 0.0,
         retry_after: float = 0.05,
@@ -126,7 +127,7 @@ class ChatServer:
             self.in_flight -= 1
             self.served[outcome] += 1
 
-    def completion(self, request: dict, text: str) -> dict:
+    def completion(self, request: dict, text: str, finish_reason: str = "stop") -> dict:
         prompt = sum(len(str(m.get("content", "")).split()) for m in request.get("messages", []))
         completion = len(text.split())
         return {
@@ -134,7 +135,9 @@ class ChatServer:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": request.get("model", self.model),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+            ],
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
         }
 
@@ -216,9 +219,10 @@ class _Handler(BaseHTTPRequestHandler):
             server._leave(fault)
             self._send(200, json.dumps({"id": "x", "object": "chat.completion", "usage": {}}).encode())
             return
-        text = server.respond(body)
+        answer = server.respond(body)
+        text, finish_reason = answer if isinstance(answer, tuple) else (answer, "stop")
         server._leave(fault or "ok")
-        self._send(200, json.dumps(server.completion(body, text)).encode())
+        self._send(200, json.dumps(server.completion(body, text, finish_reason)).encode())
 
     def _client_hung_up(self, seconds: float) -> bool:
         """Wait up to `seconds`; True as soon as the client closes the connection."""

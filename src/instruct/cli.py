@@ -25,7 +25,8 @@ from src.instruct.config import GenerateConfig, add_arguments, build_config, sav
 from src.instruct.generate import FatalError, generate
 from src.instruct.ledger import Ledger
 from src.instruct.output import format_summary, summarize, write_outputs
-from src.instruct.prompts import build_messages, load_kind
+from src.instruct.prompts import KindSpec, build_messages, load_kind, load_questions
+from src.instruct.sampling import pick_question
 from src.instruct.sources import CocoSource, RecordSource, ShardSource, Source
 
 log = logging.getLogger("src.instruct")
@@ -39,13 +40,21 @@ def make_source(config: GenerateConfig) -> Source:
     return ShardSource(config.shards, config.boxes_normalized)
 
 
+def load_prompts(config: GenerateConfig) -> tuple[dict[str, KindSpec], tuple[str, ...]]:
+    """Each configured kind's prompts, and the detail questions (read only when detail is asked
+    for): every prompt file is read, and its errors raised, before anything is sent."""
+    specs = {kind: load_kind(kind, config.prompts) for kind in config.kinds}
+    questions = load_questions(config.detail_questions) if any(s.single_answer for s in specs.values()) else ()
+    return specs, questions
+
+
 def run(config: GenerateConfig) -> dict:
     """Generate what the ledger lacks, then write the outputs and the summary; returns the summary.
 
     Raises ValueError for bad settings or input files and FatalError when the teacher refuses
     every request (bad key, unknown model); the ledger keeps what was finished either way."""
     config.check()
-    specs = {kind: load_kind(kind, config.prompts) for kind in config.kinds}
+    specs, questions = load_prompts(config)
     source = make_source(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,12 +63,13 @@ def run(config: GenerateConfig) -> dict:
 
         async def main():
             async with ChatClient(config.teacher) as client:
-                return await generate(config, source, specs, ledger, client), client.usage
+                return await generate(config, source, specs, ledger, client, questions), client.usage
 
         stats, usage = asyncio.run(main())
         skips = dict(sorted(source.skips.total.items()))
+        boxes_dropped = dict(sorted(source.boxes_dropped.items()))
         outputs = write_outputs(config, source, ledger)
-        summary = summarize(config, ledger, stats, usage, outputs, skips)
+        summary = summarize(config, ledger, stats, usage, outputs, skips, boxes_dropped)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
@@ -68,14 +78,19 @@ def preview(config: GenerateConfig, items: int = 1) -> str:
     """The requests the first `items` images would send, one per kind, as text: for checking
     prompts and box rendering before paying for a run. Sends nothing, writes nothing."""
     config.check()
-    specs = {kind: load_kind(kind, config.prompts) for kind in config.kinds}
+    specs, questions = load_prompts(config)
     blocks = []
     for index, item in enumerate(make_source(config)):
         if index >= items:
             break
         for kind in config.kinds_for(index):
             messages = build_messages(specs[kind], item, config.decimals)
-            blocks.append(f"######## image {item.id} ({item.image}), {kind}: {len(messages)} messages")
+            blocks.append(
+                f"######## image {item.id} ({item.image}), {kind}: {len(messages)} messages from {specs[kind].origin}"
+            )
+            if specs[kind].single_answer:
+                question = pick_question(questions, config.seed, item.id, kind)
+                blocks.append(f"(the sample's question: {question})")
             blocks.extend(f"--- {m['role']}\n{m['content']}" for m in messages)
     return "\n".join(blocks) if blocks else "no usable image in the input"
 

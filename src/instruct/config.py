@@ -22,6 +22,7 @@ import yaml
 
 from src.instruct.client import ChatConfig
 from src.instruct.prompts import KINDS
+from src.instruct.sampling import IMAGE_POSITIONS
 
 
 @dataclass
@@ -42,9 +43,20 @@ class GenerateConfig:
     kinds: list[str] = field(default_factory=lambda: list(KINDS))
     """Response kinds to write for every image: one sample per image and kind."""
     prompts: str | None = None
-    """Folder with <kind>.yaml prompt files (default: the package's own)."""
+    """Prompt folder: <kind>.yaml files in the kit's format, or LLaVA's own layout (path/to/LLaVA/
+    playground/data/prompts: conversation/, detail_description/, complex_reasoning/, each with
+    system_message.txt and NNN_caps.txt / NNN_conv.txt pairs), sent as written. Default: the kit's."""
+    detail_questions: str | None = None
+    """File of the detail kind's questions (a YAML/JSON list, or one a line), one drawn per sample
+    (default: the kit's list)."""
+    seed: int = 0
+    """Seeds each sample's draws (its detail question, its <image> place) with its id: a rerun or
+    resume draws the same."""
+    image_position: str = "front"
+    """front: <image> opens the first question; random: before or after it, half and half
+    (the paper's Eq. 2)."""
     decimals: int = 3
-    """Decimals of the normalised box coordinates shown to the teacher (the paper: 3)."""
+    """Box coordinates shown to the teacher are rounded to this many decimals (the paper: 3)."""
     limit: int | None = None
     """Use only the first N images of the input."""
     kind_limits: dict[str, int] | None = None
@@ -55,6 +67,12 @@ class GenerateConfig:
     retry_temperature: float = 0.7
     """A retry after a rejection is sent with at least this temperature, so a greedy teacher
     does not repeat the rejected reply."""
+    length_growth: float = 2.0
+    """A reply cut off at the token limit (finish_reason length) is never kept: it is asked again
+    with the limit times this, up to max_tokens_cap, without using up one of max_attempts."""
+    max_tokens_cap: int = 4096
+    """The largest token limit a cut-off reply is retried with; cut off there too, it is a rejected
+    attempt (truncated)."""
     prefix: str = "instruct"
     """Names: {prefix}.json(l), shards/{prefix}-000000.tar ..."""
     jsonl: bool = False
@@ -93,6 +111,14 @@ class GenerateConfig:
             raise ValueError(f"kinds must be distinct names from {list(KINDS)}, got {self.kinds}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if self.image_position not in IMAGE_POSITIONS:
+            raise ValueError(f"image_position must be one of {list(IMAGE_POSITIONS)}, got {self.image_position!r}")
+        if self.length_growth <= 1:
+            raise ValueError(f"length_growth must be above 1, got {self.length_growth}")
+        if self.teacher.max_tokens is not None and self.max_tokens_cap < self.teacher.max_tokens:
+            raise ValueError(
+                f"max_tokens_cap ({self.max_tokens_cap}) is below the teacher's max_tokens ({self.teacher.max_tokens})"
+            )
         if not 0 <= self.decimals <= 6:
             raise ValueError(f"decimals must be 0 to 6, got {self.decimals}")
         if self.kind_limits and (set(self.kind_limits) - set(self.kinds) or min(self.kind_limits.values()) < 0):

@@ -4,7 +4,8 @@ parsed, validated, retried on rejection, and recorded in the ledger the moment i
 Jobs flow from the input through a bounded queue to workers, so a million-image input is
 never held in memory and at most a few jobs wait beyond the client's own concurrency limit.
 A job ends in the ledger as `ok` (a valid conversation), `rejected` (every one of
-`max_attempts` replies failed validation) or `error` (the client gave up: retries exhausted,
+`max_attempts` replies failed validation; replies cut off by the token limit are asked again
+with a larger one first, see `run_job`) or `error` (the client gave up: retries exhausted,
 or a 400 for this prompt). An authentication or not-found answer (401, 403, 404) stops the run
 at once with the server's reason: it would fail every job the same way.
 """
@@ -23,7 +24,8 @@ from src.instruct.client import ChatClient, ChatError
 from src.instruct.config import GenerateConfig
 from src.instruct.ledger import OK, Ledger
 from src.instruct.parse import Rejected, to_conversation, validate
-from src.instruct.prompts import KindSpec, build_messages
+from src.instruct.prompts import KindSpec, build_messages, shown_numbers
+from src.instruct.sampling import image_first, pick_question
 from src.instruct.sources import Item, Source
 
 log = logging.getLogger(__name__)
@@ -46,18 +48,47 @@ class RunStats:
     elapsed_s: float = 0.0
 
 
+def grown_limit(current: int | None, config: GenerateConfig) -> int | None:
+    """The token limit to ask again with after a reply was cut off at `current`; None when it
+    cannot grow (already at max_tokens_cap, or the limit is unknown)."""
+    if not current or current >= config.max_tokens_cap:
+        return None
+    return min(config.max_tokens_cap, max(current + 1, int(current * config.length_growth)))
+
+
 async def run_job(
-    client: ChatClient, spec: KindSpec, item: Item, config: GenerateConfig, ledger: Ledger, rejections: Counter
+    client: ChatClient,
+    spec: KindSpec,
+    item: Item,
+    config: GenerateConfig,
+    ledger: Ledger,
+    rejections: Counter,
+    questions: tuple[str, ...] = (),
 ) -> str:
-    """Ask, parse, validate, retry on rejection; write the job's ledger entry; its status."""
+    """Ask, parse, validate, retry on rejection; write the job's ledger entry; its status.
+
+    A reply cut off by the token limit is never kept: it is asked again with a limit
+    `length_growth` times larger (at the same temperature: the reply was not wrong, only
+    short of room), and those retries do not use up `max_attempts` until the limit reaches
+    `max_tokens_cap`; a reply cut off there is a rejected attempt like any other. Without a
+    `max_tokens` setting the server's own limit cut the reply: the reply's completion tokens
+    are that limit, and the larger one is grown from them."""
     messages = build_messages(spec, item, config.decimals)
+    shown = shown_numbers(spec, item, config.decimals)
+    question = pick_question(questions, config.seed, item.id, spec.kind) if spec.single_answer else None
+    first = image_first(config.image_position, config.seed, item.id, spec.kind)
     own: Counter[str] = Counter()
     tokens = Counter()
     entry = {"id": item.id, "kind": spec.kind, "image": item.image}
-    for attempt in range(config.max_attempts):
+    max_tokens = config.teacher.max_tokens
+    attempts = replies = 0
+    hot = False  # a rejected reply was seen: ask for variety
+    while attempts < config.max_attempts:
         overrides = {}
-        if attempt:  # a greedy teacher would repeat the reply just rejected
+        if hot:  # a greedy teacher would repeat the reply just rejected
             overrides["temperature"] = max(config.teacher.temperature, config.retry_temperature)
+        if max_tokens != config.teacher.max_tokens:
+            overrides["max_tokens"] = max_tokens
         try:
             reply = await client.chat(messages, **overrides)
         except ChatError as error:
@@ -66,11 +97,15 @@ async def run_job(
             log.warning("item %s (%s): %s", item.id, spec.kind, error)
             ledger.write(entry | {"status": "error", "error": str(error), "rejections": dict(own), **tokens})
             return "error"
+        replies += 1
         tokens["prompt_tokens"] += reply.prompt_tokens
         tokens["completion_tokens"] += reply.completion_tokens
         try:
-            conversation = to_conversation(spec, item.id, reply.text)
-            validate(conversation, spec)
+            if reply.finish_reason == "length":
+                limit = max_tokens if max_tokens is not None else "the server's own"
+                raise Rejected("truncated", f"cut off at the token limit ({limit})")
+            conversation = to_conversation(spec, reply.text, question, first)
+            validate(conversation, spec, shown, config.image_position)
         except Rejected as rejected:
             own[rejected.reason] += 1
             rejections[rejected.reason] += 1
@@ -79,20 +114,34 @@ async def run_job(
             log.log(
                 level, "item %s (%s): reply rejected, %s; it began %r", item.id, spec.kind, rejected, reply.text[:160]
             )
+            # with no max_tokens set, the server's own limit is what the cut-off reply used
+            cut_at = max_tokens if max_tokens is not None else reply.completion_tokens
+            if rejected.reason == "truncated" and (grown := grown_limit(cut_at, config)) is not None:
+                max_tokens = grown  # not an attempt used up: the reply had no room to finish
+                continue
+            attempts += 1
+            hot = True
             continue
         ledger.write(
             entry
-            | {"status": OK, "conversations": conversation, "attempts": attempt + 1, "rejections": dict(own), **tokens}
+            | {"status": OK, "conversations": conversation, "attempts": replies, "rejections": dict(own), **tokens}
+            | ({"max_tokens": max_tokens} if max_tokens != config.teacher.max_tokens else {})
         )
         return OK
-    ledger.write(entry | {"status": "rejected", "attempts": config.max_attempts, "rejections": dict(own), **tokens})
+    ledger.write(entry | {"status": "rejected", "attempts": replies, "rejections": dict(own), **tokens})
     return "rejected"
 
 
 async def generate(
-    config: GenerateConfig, source: Source, specs: dict[str, KindSpec], ledger: Ledger, client: ChatClient
+    config: GenerateConfig,
+    source: Source,
+    specs: dict[str, KindSpec],
+    ledger: Ledger,
+    client: ChatClient,
+    questions: tuple[str, ...] = (),
 ) -> RunStats:
-    """Run every pending job of `source` x `config.kinds`; the ledger holds the results."""
+    """Run every pending job of `source` x `config.kinds`; the ledger holds the results.
+    `questions`: the detail kind's question list."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -121,7 +170,7 @@ async def generate(
     async def work() -> None:
         while (job := await queue.get()) is not None:
             item, spec = job
-            status = await run_job(client, spec, item, config, ledger, rejections)
+            status = await run_job(client, spec, item, config, ledger, rejections, questions)
             setattr(stats, status, getattr(stats, status) + 1)
             bar.update()
             bar.set_postfix(

@@ -130,7 +130,13 @@ def write_outputs(config: GenerateConfig, source: Source, ledger: Ledger) -> dic
 
 
 def summarize(
-    config: GenerateConfig, ledger: Ledger, stats: RunStats, usage: dict, outputs: dict, input_skips: dict
+    config: GenerateConfig,
+    ledger: Ledger,
+    stats: RunStats,
+    usage: dict,
+    outputs: dict,
+    input_skips: dict,
+    boxes_dropped: dict | None = None,
 ) -> dict:
     """Counts over the whole ledger (every run so far) and this run's requests."""
     teacher: ChatConfig = config.teacher
@@ -152,6 +158,7 @@ def summarize(
         "tokens": dict(tokens),
         "estimated_cost": round(cost, 4),
         "input_skipped": input_skips,
+        "input_boxes_dropped": boxes_dropped or {},
         "this_run": {
             "jobs": stats.jobs,
             "already_done": stats.skipped_done,
@@ -186,6 +193,8 @@ def format_summary(summary: dict) -> str:
     ]
     if summary["input_skipped"]:
         lines.append(f"input items skipped: {_counts(summary['input_skipped'])}")
+    if summary.get("input_boxes_dropped"):
+        lines.append(f"input boxes dropped (their images kept): {_counts(summary['input_boxes_dropped'])}")
     outputs = summary["outputs"]
     lines.append(f"records: {outputs['records']} in {outputs['json']}")
     if "shards" in outputs:

@@ -13,7 +13,13 @@
 Every box becomes `Box(category, x1, y1, x2, y2)` in 0-1 of the image's width and height,
 clamped to the image. Bad records are skipped and counted by reason (`SkipCounter`), never
 fatal: an item without captions, a missing image file, a box that is not four numbers, a
-repeated id.
+repeated id. A box with no area once clamped (zero width or height, or wholly outside the
+image: COCO has a few) is dropped on its own and counted in `boxes_dropped`; its image keeps
+its captions and its other boxes.
+
+Captions keep the input's order (for COCO, the order of the captions file's annotations) and
+all of them are kept; only their whitespace is normalised (a caption with a line break would
+otherwise read as two).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import io
 import json
 import logging
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -33,6 +39,7 @@ from src.data.decode import _IMAGE_SUFFIX, SkipCounter
 
 log = logging.getLogger(__name__)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+LOG_FIRST = 3  # dropped boxes logged as warnings; the rest are only counted
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,13 @@ class ItemError(ValueError):
         self.reason = reason
 
 
+class DegenerateBox(ItemError):
+    """A well-formed box with no area inside the image: only the box is dropped."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("no_area", message)
+
+
 def normalize_box(category: Any, xyxy: Any, width: float | None, height: float | None) -> Box:
     """A pixel (or, with width = height = None, already 0-1) `[x1, y1, x2, y2]` box in 0-1."""
     if not isinstance(category, str) or not category.strip():
@@ -80,7 +94,7 @@ def normalize_box(category: Any, xyxy: Any, width: float | None, height: float |
         x1, x2, y1, y2 = x1 / width, x2 / width, y1 / height, y2 / height
     x1, y1, x2, y2 = (min(1.0, max(0.0, v)) for v in (x1, y1, x2, y2))
     if x2 <= x1 or y2 <= y1:
-        raise ItemError("bad_box", f"{category} box {list(xyxy)} has no area")
+        raise DegenerateBox(f"{category} box {list(xyxy)} has no area inside the image")
     return Box(category.strip(), x1, y1, x2, y2)
 
 
@@ -111,8 +125,9 @@ def _image_size(path: Path | None = None, data: bytes | None = None) -> tuple[in
         raise ItemError("bad_image", f"cannot read the image size ({error})") from error
 
 
-def _boxes(record: dict, normalized: bool, size) -> list[Box]:
-    """`size` is a callable giving (width, height), called only when a pixel box needs it."""
+def _boxes(record: dict, normalized: bool, size, drop) -> list[Box]:
+    """`size` is a callable giving (width, height), called only when a pixel box needs it;
+    `drop(error)` is told of each degenerate box left out."""
     raw = record.get("boxes") or []
     if not isinstance(raw, list):
         raise ItemError("bad_box", f"boxes must be a list, got {type(raw).__name__}")
@@ -126,7 +141,10 @@ def _boxes(record: dict, normalized: bool, size) -> list[Box]:
         if not isinstance(box, dict):
             raise ItemError("bad_box", f"a box must be an object with category and bbox, got {box!r}")
         category = box.get("category", box.get("label", box.get("name")))
-        boxes.append(normalize_box(category, box.get("bbox", box.get("box")), width, height))
+        try:
+            boxes.append(normalize_box(category, box.get("bbox", box.get("box")), width, height))
+        except DegenerateBox as error:
+            drop(error)
     return boxes
 
 
@@ -138,11 +156,18 @@ class Source:
 
     def __init__(self) -> None:
         self.skips = SkipCounter()
+        self.boxes_dropped: Counter[str] = Counter()
+        self._dropped: list[DegenerateBox] = []  # of the item being built
+
+    def _drop_box(self, error: DegenerateBox) -> None:
+        self._dropped.append(error)
 
     def __iter__(self) -> Iterator[Item]:
         self.skips = SkipCounter()
+        self.boxes_dropped = Counter()
         seen: set[str] = set()
         for index, produce in enumerate(self._raw()):
+            self._dropped = []
             try:
                 item = produce()
             except ItemError as error:
@@ -152,6 +177,10 @@ class Source:
                 self.skips.skip("duplicate_id", f"item {index}: id {item.id!r} was seen before")
                 continue
             seen.add(item.id)
+            for error in self._dropped:  # counted only for items kept: a skipped item's boxes are moot
+                self.boxes_dropped[error.reason] += 1
+                if self.boxes_dropped[error.reason] <= LOG_FIRST:
+                    log.warning("dropped a box of item %r: %s", item.id, error)
             yield item
 
     def _raw(self) -> Iterator[Any]:
@@ -196,7 +225,10 @@ class CocoSource(Source):
                 raise ItemError("bad_box", f"COCO bbox must be [x, y, w, h], got {bbox!r}")
             x, y, w, h = bbox
             category = self._categories.get(annotation.get("category_id"))
-            boxes.append(normalize_box(category, [x, y, x + w, y + h], width, height))
+            try:
+                boxes.append(normalize_box(category, [x, y, x + w, y + h], width, height))
+            except DegenerateBox as error:
+                self._drop_box(error)
         return Item(str(image.get("id")), name, captions, boxes)
 
 
@@ -229,7 +261,7 @@ class RecordSource(Source):
         item_id = record.get("id", name)
         if not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
             raise ItemError("bad_id", f"id must be a string or an integer, got {item_id!r}")
-        boxes = _boxes(record, self.normalized, lambda: _image_size(path=path))
+        boxes = _boxes(record, self.normalized, lambda: _image_size(path=path), self._drop_box)
         return Item(str(item_id), name, _captions(record), boxes)
 
 
@@ -278,6 +310,6 @@ class ShardSource(Source):
             raise ItemError("not_one_image", f"a sample needs exactly one image member, it has {len(images)}")
         suffix, data = images[0]
         key = str(raw.get("__key__"))
-        boxes = _boxes(record, self.normalized, lambda: _image_size(data=data))
+        boxes = _boxes(record, self.normalized, lambda: _image_size(data=data), self._drop_box)
         name = f"{_UNSAFE.sub('_', key)}.{suffix.rsplit('.', 1)[-1]}"  # a flat, safe file name
         return Item(key, name, _captions(record), boxes, data=data)

@@ -120,3 +120,45 @@ def make_coco(folder: Path, n: int, jpeg: bytes) -> tuple[Path, Path]:
         json.dumps({"images": images, "annotations": boxes, "categories": categories})
     )
     return folder / "captions.json", folder / "instances.json"
+
+
+# ------------------------------------------------------------------ a prompt folder in LLaVA's layout
+# The test's own text (never LLaVA's): what matters is the layout and that the files are sent as
+# written: trailing spaces, a final newline in one file and not in the others, examples numbered
+# 9 and 10 (ordered by number, not by name), a file that is not an example (README.md).
+LLAVA_FILES = {
+    "conversation/system_message.txt": "TEST SYSTEM conversation: talk about the picture.\nAsk and answer.  ",
+    "conversation/000_caps.txt": "Two goats on a hill.\nA goat eats grass.",
+    "conversation/000_conv.txt": (
+        "Question:\nHow many goats are there?\n===\nAnswer:\nThere are two goats. \n\nOne of them is eating."
+    ),
+    "conversation/001_caps.txt": "A red kite over a beach.",
+    "conversation/001_conv.txt": "Question:\nWhat flies over the beach?\n===\nAnswer:\nA red kite.\n",
+    "detail_description/system_message.txt": "TEST SYSTEM detail: describe the picture from the boxes.",
+    "detail_description/000_caps.txt": "A cup on a desk.\n\ncup: [0.1, 0.2, 0.3, 0.4]",
+    "detail_description/000_conv.txt": "A cup stands on the left of a desk.",
+    "detail_description/001_caps.txt": "A lamp.\n\nlamp: [0.5, 0.0, 0.9, 1.0]",
+    "detail_description/001_conv.txt": "A tall lamp fills the right half.",
+    "detail_description/002_caps.txt": "A chair.\n\nchair: [0.0, 0.5, 0.25, 1.0]",
+    "detail_description/002_conv.txt": "A chair sits in the lower left corner.",
+    "detail_description/README.md": "not an example",
+    "complex_reasoning/system_message.txt": "TEST SYSTEM complex: ask one hard question.\n",
+    "complex_reasoning/10_caps.txt": "Snow on a roof.\n\nhouse: [0.2, 0.3, 0.8, 0.9]",
+    "complex_reasoning/10_conv.txt": "Question:\nWhy is the roof steep?\n===\nAnswer:\nSo the snow slides off.",
+    "complex_reasoning/9_caps.txt": "A wet road.\n\ncar: [0.1, 0.5, 0.4, 0.8]",
+    "complex_reasoning/9_conv.txt": "Question:\nWhy drive slowly?\n===\nAnswer:\nWet roads are slippery.",
+}
+LLAVA_SYSTEMS = {
+    LLAVA_FILES["conversation/system_message.txt"]: "conversation",
+    LLAVA_FILES["detail_description/system_message.txt"]: "detail",
+    LLAVA_FILES["complex_reasoning/system_message.txt"]: "complex_reasoning",
+}
+
+
+def write_llava_prompts(root: Path) -> Path:
+    """LLAVA_FILES under root (bytes as written: newline translation is not part of the test)."""
+    for name, text in LLAVA_FILES.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text.encode("utf-8"))
+    return root

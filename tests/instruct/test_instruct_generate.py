@@ -8,13 +8,24 @@ from collections import Counter
 
 import pytest
 from chat_server import ChatServer, random_faults
-from fake_teacher import BAD_REPLIES, Teacher, make_records, request_key
+from fake_teacher import (
+    BAD_REPLIES,
+    LLAVA_FILES,
+    LLAVA_SYSTEMS,
+    Teacher,
+    good_reply,
+    make_records,
+    request_key,
+    write_llava_prompts,
+)
 
 from src.instruct.cli import run
 from src.instruct.client import ChatConfig
 from src.instruct.config import GenerateConfig
 from src.instruct.generate import FatalError
 from src.instruct.ledger import Ledger
+from src.instruct.prompts import load_questions
+from src.instruct.sampling import image_first, pick_question
 
 
 def make_config(tmp_path, server, records, **overrides) -> GenerateConfig:
@@ -218,7 +229,7 @@ def test_a_dry_run_shows_the_requests_and_sends_and_writes_nothing(tmp_path, jpe
     assert text.count("######## image 0 (img0000.jpg)") == 3 and "image 1" not in text
     assert text.endswith(
         "--- user\nA photo of item 0 with a dog.\nA dog on a lawn with a red ball.\n\n"
-        "dog: [0.125, 0.250, 0.625, 0.875]\nsports ball: [0.625, 0.750, 0.781, 0.938]"
+        "dog: [0.125, 0.25, 0.625, 0.875]\nsports ball: [0.625, 0.75, 0.781, 0.938]"
     )
     assert not (tmp_path / "out").exists()
 
@@ -227,6 +238,9 @@ def test_coco_annotations_in_instruction_shards_out(tmp_path, jpeg_bytes, read_t
     from fake_teacher import make_coco
 
     captions, instances = make_coco(tmp_path / "coco", 3, jpeg_bytes())
+    data = json.loads(instances.read_text())  # a box wholly outside image 100: dropped, the image kept
+    data["annotations"].append({"id": 99, "image_id": 100, "category_id": 18, "bbox": [70, 10, 5, 5]})
+    instances.write_text(json.dumps(data))
     with ChatServer(Teacher()) as server:
         config = GenerateConfig(
             out=str(tmp_path / "out"), coco_captions=str(captions), coco_instances=str(instances),
@@ -235,13 +249,156 @@ def test_coco_annotations_in_instruction_shards_out(tmp_path, jpeg_bytes, read_t
         )  # fmt: skip
         summary = run(config)
     assert summary["samples"]["total"] == 9
+    assert summary["input_boxes_dropped"] == {"no_area": 1} and summary["input_skipped"] == {}
     samples = read_json(tmp_path / "out" / "instruct.json")
     assert [s["image"] for s in samples[::3]] == ["000000000100.jpg", "000000000101.jpg", "000000000102.jpg"]
     contexts = {request_key(r): r["messages"][-1]["content"] for r in server.requests}
     assert (
         contexts[("100", "detail")]
-        == "A photo of item 100 with a dog.\nA dog on a lawn.\n\ndog: [0.125, 0.250, 0.625, 0.875]"
+        == "A photo of item 100 with a dog.\nA dog on a lawn.\n\ndog: [0.125, 0.25, 0.625, 0.875]"
     )
     assert contexts[("100", "conversation")] == "A photo of item 100 with a dog.\nA dog on a lawn."
     tars = sorted((tmp_path / "out" / "shards").glob("instruct-*.tar"))
     assert [len(read_tar(t)) for t in tars] == [4, 4, 1]
+
+
+def test_a_llava_prompt_folder_sends_the_teacher_exactly_its_messages(tmp_path, jpeg_bytes):
+    prompts = write_llava_prompts(tmp_path / "LLaVA" / "playground" / "data" / "prompts")
+    records = make_records(tmp_path / "in", 2, jpeg_bytes())
+
+    def respond(request: dict) -> str:
+        kind = LLAVA_SYSTEMS[request["messages"][0]["content"]]
+        return good_reply(re.search(r"item (\w+)", request["messages"][-1]["content"]).group(1), kind)
+
+    with ChatServer(respond) as server:
+        summary = run(make_config(tmp_path, server, records, prompts=str(prompts)))
+    assert summary["samples"]["total"] == 6 and len(server.requests) == 6
+    files = LLAVA_FILES
+
+    def pair(name: str) -> list[dict]:
+        return [
+            {"role": "user", "content": files[f"{name}_caps.txt"]},
+            {"role": "assistant", "content": files[f"{name}_conv.txt"]},
+        ]
+
+    def context(item: str, boxes: bool) -> dict:
+        text = f"A photo of item {item} with a dog.\nA dog on a lawn with a red ball."
+        if boxes:  # 64x64 images: dog [8, 16, 40, 56], ball [40, 48, 50, 60] in pixels
+            text += "\n\ndog: [0.125, 0.25, 0.625, 0.875]\nsports ball: [0.625, 0.75, 0.781, 0.938]"
+        return {"role": "user", "content": text}
+
+    expected = {}
+    for item in ("0", "1"):
+        expected[(item, "conversation")] = [
+            {"role": "system", "content": files["conversation/system_message.txt"]},
+            *pair("conversation/000"),
+            *pair("conversation/001"),
+            context(item, boxes=False),
+        ]
+        expected[(item, "detail")] = [
+            {"role": "system", "content": files["detail_description/system_message.txt"]},
+            *pair("detail_description/000"),
+            *pair("detail_description/001"),
+            *pair("detail_description/002"),
+            context(item, boxes=True),
+        ]
+        expected[(item, "complex_reasoning")] = [
+            {"role": "system", "content": files["complex_reasoning/system_message.txt"]},
+            *pair("complex_reasoning/9"),
+            *pair("complex_reasoning/10"),
+            context(item, boxes=True),
+        ]
+    sent = {}
+    for request in server.requests:
+        item = re.search(r"item (\w+)", request["messages"][-1]["content"]).group(1)
+        sent[(item, LLAVA_SYSTEMS[request["messages"][0]["content"]])] = request["messages"]
+    assert sent == expected
+
+
+def test_a_reply_cut_off_by_the_token_limit_is_asked_again_with_a_larger_one(tmp_path, jpeg_bytes):
+    records = make_records(tmp_path / "in", 2, jpeg_bytes())
+    teacher = Teacher()
+
+    def respond(request: dict):
+        item, kind = request_key(request)
+        if item == "1" and request["max_tokens"] < 4000:  # the whole reply needs 4000 tokens
+            return good_reply(item, kind)[:120], "length"
+        return teacher(request)
+
+    with ChatServer(respond) as server:
+        summary = run(make_config(tmp_path, server, records, kinds=["detail"], teacher={"max_tokens": 1000}))
+    asked = [(r["max_tokens"], r["temperature"]) for r in server.requests if request_key(r)[0] == "1"]
+    assert asked == [(1000, 0.2), (2000, 0.2), (4000, 0.2)]  # doubled, at the same temperature
+    assert summary["samples"]["total"] == 2 and summary["rejections"] == {"truncated": 2}
+    with Ledger(tmp_path / "out" / "ledger.jsonl") as ledger:
+        entry = ledger.entries[("1", "detail")]
+    assert entry["conversations"][1]["value"] == good_reply("1", "detail")  # the whole reply, not the cut one
+    assert (entry["attempts"], entry["max_tokens"], entry["rejections"]) == (3, 4000, {"truncated": 2})
+
+
+def test_without_a_max_tokens_setting_the_limit_grows_from_the_cut_off_reply(tmp_path, jpeg_bytes):
+    records = make_records(tmp_path / "in", 1, jpeg_bytes())
+    whole = good_reply("0", "detail")
+    cut = " ".join(whole.split()[:30])  # the server's own limit stopped it at 30 tokens (words here)
+
+    def respond(request: dict):
+        return (cut, "length") if request.get("max_tokens") is None else whole
+
+    with ChatServer(respond) as server:
+        summary = run(make_config(tmp_path, server, records, kinds=["detail"], teacher={"max_tokens": None}))
+    assert [r.get("max_tokens") for r in server.requests] == [None, 60]  # 30 tokens used, doubled
+    assert summary["samples"]["total"] == 1 and summary["rejections"] == {"truncated": 1}
+    with Ledger(tmp_path / "out" / "ledger.jsonl") as ledger:
+        entry = ledger.entries[("0", "detail")]
+    assert entry["conversations"][1]["value"] == whole and entry["max_tokens"] == 60
+
+
+def test_a_reply_cut_off_at_the_cap_is_a_rejected_attempt_never_kept(tmp_path, jpeg_bytes):
+    records = make_records(tmp_path / "in", 1, jpeg_bytes())
+    cut = good_reply("0", "detail")  # a reply that would pass every check, but was cut off
+    with ChatServer(lambda request: (cut, "length")) as server:
+        config = make_config(
+            tmp_path, server, records, kinds=["detail"], max_attempts=2, max_tokens_cap=3000,
+            teacher={"max_tokens": 1000},
+        )  # fmt: skip
+        summary = run(config)
+        with pytest.raises(ValueError, match=r"max_tokens_cap \(500\) is below the teacher's max_tokens \(1000\)"):
+            run(make_config(tmp_path, server, records, max_tokens_cap=500, teacher={"max_tokens": 1000}))
+    assert [(r["max_tokens"], r["temperature"]) for r in server.requests] == [
+        (1000, 0.2), (2000, 0.2), (3000, 0.2), (3000, 0.7),
+    ]  # fmt: skip
+    assert summary["samples"]["total"] == 0 and summary["failed"] == {"rejected": 1}
+    assert summary["rejections"] == {"truncated": 4}
+
+
+def test_the_image_tag_goes_before_or_after_the_first_question_the_same_on_every_run(tmp_path, jpeg_bytes):
+    records = make_records(tmp_path / "in", 16, jpeg_bytes())
+    options = dict(kinds=["conversation", "detail"], image_position="random", seed=7)
+    with ChatServer(Teacher()) as server:
+        run(make_config(tmp_path, server, records, out=str(tmp_path / "a"), **options))
+        # the same data in two runs (a resume): the draws do not depend on what was done before
+        run(make_config(tmp_path, server, records, out=str(tmp_path / "b"), limit=5, **options))
+        run(make_config(tmp_path, server, records, out=str(tmp_path / "b"), **options))
+        with pytest.raises(ValueError, match="image_position must be one of"):
+            run(make_config(tmp_path, server, records, image_position="end"))
+    samples = read_json(tmp_path / "a" / "instruct.json")
+    assert read_json(tmp_path / "b" / "instruct.json") == samples and len(samples) == 32
+    questions = load_questions()
+    placed = Counter()
+    for sample in samples:
+        first = sample["conversations"][0]["value"]
+        before = image_first("random", 7, sample["source_id"], sample["kind"])
+        assert first.startswith("<image>\n") if before else first.endswith("\n<image>")
+        placed[before] += 1
+        if sample["kind"] == "detail":
+            assert first.replace("<image>", "").strip() == pick_question(questions, 7, sample["source_id"])
+    assert placed[True] >= 5 and placed[False] >= 5
+
+
+def test_the_detail_questions_are_a_file_the_config_names(tmp_path, jpeg_bytes):
+    records = make_records(tmp_path / "in", 6, jpeg_bytes())
+    (tmp_path / "questions.txt").write_text("What do you see here?\nTell me about this picture.\n")
+    with ChatServer(Teacher()) as server:
+        run(make_config(tmp_path, server, records, kinds=["detail"], detail_questions=str(tmp_path / "questions.txt")))
+    asked = {s["conversations"][0]["value"] for s in read_json(tmp_path / "out" / "instruct.json")}
+    assert asked == {"<image>\nWhat do you see here?", "<image>\nTell me about this picture."}

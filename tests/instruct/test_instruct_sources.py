@@ -34,19 +34,37 @@ def test_records_with_pixel_boxes_are_normalised_by_the_image_size(tmp_path, jpe
         {"id": "a", "image": "a.jpg", "caption": "Again."},
         {"id": "e", "image": "../etc/passwd", "caption": "Out."},
         {"id": "f", "image": "a.jpg", "caption": "Bad box.", "boxes": [{"category": "cat", "bbox": [1, 2, 3]}]},
-        {"id": "g", "image": "a.jpg", "caption": "Flat box.", "boxes": [{"category": "cat", "bbox": [5, 5, 5, 9]}]},
+        {
+            "id": "g",
+            "image": "a.jpg",
+            "caption": "Flat box.",
+            "boxes": [{"category": "cat", "bbox": [5, 5, 5, 9]}, {"category": "cat", "bbox": [5, 5, 20, 10]}],
+        },
+        # a flat box in an item skipped for another reason is not counted as dropped
+        {
+            "id": "h",
+            "image": "a.jpg",
+            "caption": "Both.",
+            "boxes": [{"category": "cat", "bbox": [5, 5, 5, 9]}, {"category": "cat", "bbox": [1]}],
+        },
         "not an object",
     ]
     (tmp_path / "r.json").write_text(json.dumps(records))
     source = RecordSource(tmp_path / "r.json", tmp_path / "img")
     items = list(source)
-    assert source.total == 9
-    assert [(i.id, i.image, i.captions) for i in items] == [("a", "a.jpg", ["One cat."]), ("b.png", "b.png", ["x"])]
+    assert source.total == 10
+    assert [(i.id, i.image, i.captions) for i in items] == [
+        ("a", "a.jpg", ["One cat."]),
+        ("b.png", "b.png", ["x"]),
+        ("g", "a.jpg", ["Flat box."]),  # its one box has no area: the box is dropped, not the image
+    ]
     assert items[0].boxes == [Box("cat", 0.1, 0.1, 0.6, 0.9)]
     assert items[1].boxes == [Box("dog", 0.0, 0.0, 0.5, 0.25)]
+    assert items[2].boxes == [Box("cat", 0.025, 0.05, 0.1, 0.1)]
     assert dict(source.skips.total) == {
         "missing_image": 1, "no_captions": 1, "duplicate_id": 1, "bad_image_path": 1, "bad_box": 2, "not_an_object": 1,
     }  # fmt: skip
+    assert dict(source.boxes_dropped) == {"no_area": 1}
 
 
 def test_normalised_boxes_and_jsonl_with_a_broken_line(tmp_path, jpeg_bytes):
