@@ -6,6 +6,9 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["lint", "tests"]
 
 LLAVA_REFERENCE = "llava-torch==1.2.2.post1"  # = haotian-liu/LLaVA for conversation, train, mm_utils, eval
+LMMS_EVAL_REFERENCE = (
+    "lmms-eval==0.7.3"  # its task scorers (POPE, MME, MMBench, GQA, TextVQA) are the benchmarks' reference
+)
 
 
 @nox.session
@@ -15,6 +18,11 @@ def tests(session: nox.Session) -> None:
     # dependencies (torch 2.1, an old transformers) would replace ours, so it comes without
     # them; the tests load only the functions they compare with from its files.
     session.install("--no-deps", LLAVA_REFERENCE)
+    # lmms-eval with all its dependencies is a very large environment (minutes); the tests load
+    # only its scoring functions from the installed files, stubbing what they import but do not
+    # use. Its MMBench evaluator needs pandas for real.
+    session.install("--no-deps", LMMS_EVAL_REFERENCE)
+    session.install("pandas")
     session.run("pytest", *session.posargs)
 
 

@@ -155,3 +155,136 @@ def read_answers(path: Path | str) -> tuple[dict[str, dict], dict]:
             answers[key] = {"text": text, "model": record.get("model", record.get("model_id"))}
             where[key] = number
     return answers, problems
+
+
+# ---------------------------------------------------------------- other answer kinds (src/eval/benchmarks)
+# The benchmarks of `python -m src.eval` read replies through these and `read_choice` only, in
+# validation and offline scoring alike. Each mode is a published scorer's rule, named after it;
+# `tests/eval/test_benchmark_*.py` check each against lmms-eval's code on the same replies.
+
+YES_NO_MODES = ("exact", "prefix")
+
+
+def read_yes_no(reply: str, mode: str = "exact") -> str | None:
+    """ "yes", "no", or None (neither: scored wrong) read from `reply`.
+
+    `exact` (POPE, as lmms-eval's `pope_process_results`): the stripped, lower-cased reply is
+    exactly `yes` or `no` (`"Yes."` is neither). `prefix` (MME, its official `calculation.py`
+    via Otter's `parse_pred_ans`, as lmms-eval): full stops removed, then `yes` / `no`, a lone
+    `y` / `n`, or else `yes` (then `no`) anywhere in the first four characters."""
+    if mode not in YES_NO_MODES:
+        raise ValueError(f"unknown yes/no reading mode {mode!r}; choose one of {list(YES_NO_MODES)}")
+    text = reply.strip().lower().strip()
+    if mode == "exact":
+        return text if text in ("yes", "no") else None
+    text = text.replace(".", "")
+    if text in ("yes", "no"):
+        return text
+    if len(text) == 1:
+        return {"y": "yes", "n": "no"}.get(text)
+    head = text[:4]
+    return "yes" if "yes" in head else "no" if "no" in head else None
+
+
+SHORT_ANSWER_MODES = ("vqa", "exact_match")
+
+
+def normalize_short_answer(text: str, mode: str = "vqa") -> str:
+    """A short answer (a reply or a reference) in the form a scorer compares: `vqa`, the
+    official VQA evaluation's normalisation (src/eval/vqa_normalize.py; TextVQA, VQAv2);
+    `exact_match`, lmms-eval's `exact_match` with `ignore_case` and `ignore_punctuation` (GQA):
+    lower-cased, ASCII punctuation removed, nothing else (spaces and articles stay)."""
+    if mode == "vqa":
+        from src.eval.vqa_normalize import normalize_vqa_answer
+
+        return normalize_vqa_answer(text)
+    if mode == "exact_match":
+        return text.lower().translate(str.maketrans("", "", string.punctuation))
+    raise ValueError(f"unknown short-answer mode {mode!r}; choose one of {list(SHORT_ANSWER_MODES)}")
+
+
+def read_short_answer(reply: str, mode: str = "vqa") -> str:
+    """The reply as its scorer compares it: stripped (as lmms-eval strips every generation), then
+    `normalize_short_answer`."""
+    return normalize_short_answer(reply.strip(), mode)
+
+
+MMBENCH_OPTION_LETTERS = "ABCDE"  # MMBench's `can_infer_option` looks for any of five letters
+_MMBENCH_WRAPPINGS = (("", "."), ("", ","), ("", ":"), ("", ")"), ("", ")."), ("(", ")"), ("(", ")."),
+                      (":", ""), (":", ","), (":", "."), (":", ")"), (":", ")."))  # fmt: skip
+_MCQ_PHRASES = (
+    "the answer is", "answer is", "the correct answer is", "correct answer is", "the best answer is",
+    "best answer is", "the correct option is", "correct option is", "the best option is", "best option is",
+    "the choice is", "choice is", "the correct choice is", "correct choice is", "i choose", "i select",
+    "i pick", "my answer is", "my choice is", "옵션", "정답은", "답은", "답:", "答案是", "答案为", "选", "答えは",
+)  # fmt: skip
+_MCQ_PRIORITY = {"start": 10, "end": 9, "phrase": 7, "parentheses": 6, "period": 5, "colon": 4,
+                 "right_paren": 3, "space": 2, "fallback": 0}  # fmt: skip
+
+
+def _mmbench_letter(reply: str) -> str | None:
+    """MMBench's `can_infer_option`: one option letter standing alone among the reply's words (not
+    a lone `A` in a reply of more than three words: maybe the article), or wrapped once as `A.`,
+    `(A)`, `:A` ..."""
+    if "Failed to obtain answer via API" in reply:  # the evaluator's own judge-failure text
+        return None
+    words = [word.strip() for word in reply.split()]
+
+    def count(prefix: str = "", suffix: str = "") -> int:
+        return sum(prefix + letter + suffix in words for letter in MMBENCH_OPTION_LETTERS)
+
+    if count() == 1 and not ("A" in words and len(words) > 3):
+        return next(letter for letter in MMBENCH_OPTION_LETTERS if letter in words)
+    for prefix, suffix in _MMBENCH_WRAPPINGS:
+        if count(prefix, suffix) == 1:
+            return next(letter for letter in MMBENCH_OPTION_LETTERS if prefix + letter + suffix in words)
+    return None
+
+
+def _mmbench_text(reply: str, options: dict[str, str]) -> str | None:
+    """MMBench's `can_infer_text`: exactly one option's text (lower-cased) occurs in the reply."""
+    text = reply.lower()
+    found = [letter for letter, option in options.items() if str(option).lower() in text]
+    return found[0] if len(found) == 1 else None
+
+
+def _mcq_extract(reply: str, letters: list[str]) -> str | None:
+    """lmms-eval's static fallback (`extract_mcq_answer`): the letter of the strongest, then
+    latest, form (`A` first or last, an answer phrase, `(A)`, `A.`, `A:`, `A)`, `A `, any `A`)."""
+    if not reply.strip():
+        return None
+    text = reply.strip()
+    for char in ",.!?;:'\"":
+        text = text.strip(char)
+    text = f" {text} "
+    found: list[tuple[str, int, str]] = []
+    for form, pattern in (("parentheses", "({})"), ("period", "{}."), ("colon", "{}:"), ("right_paren", "{})"),
+                          ("space", "{} ")):  # fmt: skip
+        found += [(ch, text.rfind(pattern.format(ch)), form) for ch in letters if pattern.format(ch) in text]
+    lower = text.lower()
+    for phrase in _MCQ_PHRASES:
+        at = lower.find(phrase)
+        if at != -1:
+            after = at + len(phrase)
+            found += [(ch, text.find(ch, after), "phrase") for ch in letters if text.find(ch, after) != -1]
+    stripped = text.strip()
+    for ch in letters:
+        if stripped.startswith(ch) and (len(stripped) == 1 or not stripped[1].isalpha()):
+            found.append((ch, 0, "start"))
+    for ch in letters:
+        if stripped.endswith(ch) and (len(stripped) == 1 or not stripped[-2].isalpha()):
+            found.append((ch, len(text) - 1, "end"))
+    if not found:
+        found = [(ch, text.rfind(ch), "fallback") for ch in letters if ch in text]
+    if not found:
+        return None
+    found.sort(key=lambda item: (_MCQ_PRIORITY[item[2]], item[1]), reverse=True)
+    return found[0][0]
+
+
+def read_choice_mmbench(reply: str, options: dict[str, str]) -> str | None:
+    """The option letter MMBench's evaluator reads without a judge LLM (lmms-eval's
+    `mmbench_*_static` tasks): `can_infer_option`, else `can_infer_text` over `options`
+    (letter -> text, the question's A-D that exist), else `extract_mcq_answer` over those letters.
+    May return `E` (the evaluator's "none of them"), which is never an answer. None: nothing read."""
+    return _mmbench_letter(reply) or _mmbench_text(reply, dict(options)) or _mcq_extract(reply, sorted(options))
