@@ -1,14 +1,16 @@
 """Conversation templates: render LLaVA-format chats to token ids and a label mask.
 
-Each template turns a chat into segments marked supervised or not, and each segment is
-tokenized on its own. That keeps the label mask exact (no character offsets to map back),
-which is how LLaVA's own code masks per round, and it makes multi-turn masking a property
-of the template rather than of string searching.
+A template renders a chat to text, cut into segments marked supervised or not. The encoder
+tokenizes the whole text at once, as the reference code does (LLaVA's `tokenizer_image_token`
+for the LLaVA-named templates, `apply_chat_template` / a transformers processor for
+`chat_template`), and supervises the tokens that start inside a supervised segment (character
+offsets). Tokenizing segments one by one would be simpler, but a SentencePiece tokenizer gives
+different ids for a segment alone than in context (`</s>USER` vs `▁US ER`), so the model would
+see prompts its reference never produced. docs/fidelity.md says what "LLaVA-exact" covers.
 """
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -24,14 +26,13 @@ MC_INSTRUCTION = "Answer with the option's letter from the given choices directl
 #   option   - the reply is the option's text, as in LLaVA-1.5's short-answer VQA data; the
 #              model's choice is the option whose text it ranks highest (cloze scoring).
 #   reasoned - the reply names the answer, then "The answer is X." (as the paper's
-#              'QCM-LEA' format ends); the model's choice is the letter its greedy reply names.
+#              'QCM-LEA' format ends); the model's choice is the letter its greedy reply names,
+#              read by src/eval/answers.py (LLaVA's eval_science_qa.py rule) in validation.
 MC_FORMATS = {
     "letter": MC_INSTRUCTION,
     "option": "Answer the question using a single word or phrase.",
     "reasoned": "Name the answer, then give the option's letter.",
 }
-_ANSWER_IS = re.compile(r"The answer is \(?([A-H])\)?")
-_LEADING_LETTER = re.compile(r"^\s*([A-H])(?:\.|\s*$)")  # "B" or "B. ..." as LLaVA's scoring reads
 
 
 def _check_format(fmt: str) -> None:
@@ -56,20 +57,6 @@ def multiple_choice_answer(options: list[str], answer: int, fmt: str = "letter")
     return options[answer] if fmt == "option" else f"{options[answer]}. The answer is {letter}."
 
 
-def parse_choice(text: str, num_options: int) -> int | None:
-    """The chosen option in a reply, as LLaVA's ScienceQA scoring reads it: exactly one
-    "The answer is X", else a leading bare letter; anything else is no answer (wrong)."""
-    found = _ANSWER_IS.findall(text)
-    if len(found) == 1:
-        letter = found[0]
-    elif not found and (match := _LEADING_LETTER.match(text)):
-        letter = match.group(1)
-    else:
-        return None
-    index = OPTION_LETTERS.index(letter)
-    return index if index < num_options else None
-
-
 class SampleError(ValueError):
     """A sample that cannot be used; `reason` is the counter it is skipped under."""
 
@@ -91,14 +78,17 @@ Segment = tuple[str, bool]  # (text, supervised)
 class Template(ABC):
     """Renders one chat into segments; turns are (human, gpt) pairs.
 
-    The class attributes tell the encoder which special tokens it must add itself: a
-    template whose text already holds them (a tokenizer's chat template, Llama-2's
-    per-round `<s>`/`</s>`) must not get a second bos or a stray eos.
+    The class attributes tell the encoder how the reference tokenizes the text: whether it
+    adds the tokenizer's bos (the text of a chat template may already hold it), whether each
+    text chunk between `<image>` tags is tokenized on its own (LLaVA's `tokenizer_image_token`
+    does; a transformers processor does not), and which strings in the text must be read as
+    one special token each.
     """
 
     adds_bos: bool = True  # the encoder prepends the tokenizer's bos, if it has one
-    appends_end_token: bool = True  # the encoder appends eos after each supervised segment
+    appends_end_token: bool = False  # the rendered replies end with the tokenizer's eos (checked at start-up)
     control_tokens: tuple[str, ...] = ()  # strings in the text the tokenizer must read as one token each
+    tokenizes_images_apart: bool = False  # LLaVA's rule: split the text at <image>, tokenize each chunk alone
 
     @classmethod
     def build(cls, system: str | None, tokenizer) -> Template:
@@ -113,18 +103,41 @@ class Template(ABC):
 TEMPLATES: Registry[type[Template]] = Registry("conversation template")
 
 
+def image_first(text: str) -> str:
+    """A message as LLaVA's `preprocess_multimodal` writes it: its one `<image>` tag moved to the
+    front, then a newline, then the rest of the text stripped. A message with several tags is
+    left as it is (LLaVA would collapse them into one tag; LLaVA-NeXT leaves them in place)."""
+    if text.count(IMAGE_TAG) != 1:
+        return text
+    return (IMAGE_TAG + "\n" + text.replace(IMAGE_TAG, "").strip()).strip()
+
+
+class LlavaTemplate(Template):
+    """A template named after one of LLaVA's: its text is the official `Conversation.get_prompt()`
+    after `preprocess_multimodal`, and it is tokenized as `tokenizer_image_token` does."""
+
+    tokenizes_images_apart = True
+
+    def llava_turns(self, turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return [(image_first(human), image_first(gpt)) for human, gpt in turns]
+
+
 @TEMPLATES.register("plain")
-class PlainTemplate(Template):
-    """LLaVA's stage-1 format: the image, then the caption; the human text is dropped."""
+class PlainTemplate(LlavaTemplate):
+    r"""LLaVA's stage-1 format (`preprocess_plain`): bos, the image, then the caption and `\n`.
+
+    The human text is dropped, the caption is supervised with its newline and no eos, and only
+    the first turn is used (LLaVA's stage-1 data has one caption per image).
+    """
 
     def render(self, turns: list[tuple[str, str]]) -> list[list[Segment]]:
         human, gpt = turns[0]
-        tags = "".join(IMAGE_TAG for _ in range(human.count(IMAGE_TAG)))
-        return [[(tags, False), (gpt.strip(), True)]]
+        tags = IMAGE_TAG * human.count(IMAGE_TAG)
+        return [[(tags, False), (image_first(gpt) + "\n", True)]]
 
 
-class SystemPromptTemplate(Template):
-    """A template with a system prompt: `DEFAULT_SYSTEM` unless one is given ("" drops it)."""
+class SystemPromptTemplate(LlavaTemplate):
+    """A template with a system prompt: `DEFAULT_SYSTEM` unless one is given."""
 
     DEFAULT_SYSTEM = ""
 
@@ -138,18 +151,24 @@ class SystemPromptTemplate(Template):
 
 @TEMPLATES.register("vicuna_v1")
 class VicunaTemplate(SystemPromptTemplate):
-    """LLaVA-1.5's format: `SYSTEM USER: q ASSISTANT: a</s>USER: ...`."""
+    """LLaVA-1.5's format (`conv_vicuna_v1`, trained with `--version v1`):
+    `{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>`.
+
+    Each reply is supervised from the space after `ASSISTANT:` through `</s>`. As in LLaVA, an
+    empty system prompt leaves the space that follows it (the text starts with ` USER:`).
+    """
 
     DEFAULT_SYSTEM = (
-        "A chat between a curious human and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the human's questions."
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions."
     )
+    control_tokens = ("</s>",)
 
     def render(self, turns: list[tuple[str, str]]) -> list[list[Segment]]:
         rendered = []
-        for i, (human, gpt) in enumerate(turns):
-            prefix = f"{self.system} " if i == 0 and self.system else ""
-            rendered.append([(f"{prefix}USER: {human} ASSISTANT:", False), (f" {gpt.strip()}", True)])
+        for i, (human, gpt) in enumerate(self.llava_turns(turns)):
+            prefix = f"{self.system} " if i == 0 else ""
+            rendered.append([(f"{prefix}USER: {human} ASSISTANT:", False), (f" {gpt}</s>", True)])
         return rendered
 
 
@@ -158,10 +177,9 @@ class Llama2Template(SystemPromptTemplate):
     r"""LLaVA's `llava_llama_2` format, which is Llama-2-chat's:
     `<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{q1} [/INST] {a1} </s><s>[INST] {q2} [/INST] {a2} </s>`.
 
-    Every round opens with `<s>` and closes with `</s>`, so the template writes both itself
-    rather than have the encoder add one bos per sequence. The reply is supervised from the
-    space after `[/INST]` through `</s>`, as LLaVA's `preprocess_llama_2` masks it. An empty
-    system prompt drops the `<<SYS>>` block, as Llama-2-chat's own template does.
+    The first `<s>` is the tokenizer's bos (LLaVA strips it from the text); later rounds write
+    `<s>` in the text. Each reply is supervised from the space after `[/INST]` through `</s>`,
+    as `preprocess_llama_2` masks it. An empty system prompt drops the `<<SYS>>` block.
     """
 
     DEFAULT_SYSTEM = (
@@ -169,15 +187,14 @@ class Llama2Template(SystemPromptTemplate):
         "You are able to understand the visual content that the user provides, "
         "and assist the user with a variety of tasks using natural language."
     )
-    adds_bos = False
-    appends_end_token = False
     control_tokens = ("<s>", "</s>")
 
     def render(self, turns: list[tuple[str, str]]) -> list[list[Segment]]:
         rendered = []
-        for i, (human, gpt) in enumerate(turns):
+        for i, (human, gpt) in enumerate(self.llava_turns(turns)):
             system = f"<<SYS>>\n{self.system}\n<</SYS>>\n\n" if i == 0 and self.system else ""
-            rendered.append([(f"<s>[INST] {system}{human} [/INST]", False), (f" {gpt.strip()} </s>", True)])
+            opening = "" if i == 0 else "<s>"
+            rendered.append([(f"{opening}[INST] {system}{human} [/INST]", False), (f" {gpt} </s>", True)])
         return rendered
 
 
@@ -185,6 +202,7 @@ class Llama2Template(SystemPromptTemplate):
 class ChatTemplate(Template):
     """The tokenizer's own Jinja chat template (Llama-3, Qwen ChatML, Gemma, ...).
 
+    The rendered text is what `tokenizer.apply_chat_template` writes for the same messages.
     Jinja gives no spans, so each turn is cut out by string difference: the chat so far
     rendered with the generation header (the prompt) and then with the reply. The reply
     segment is what the template writes for the assistant, end-of-turn marker included;
@@ -210,6 +228,7 @@ class ChatTemplate(Template):
             )
         self.tokenizer = tokenizer
         self.system = system  # None: the template's own default; a string (even ""): that system message
+        self.appends_end_token = False
         probe = self.render(self.PROBE)  # a template that rewrites history fails here, at start-up
         bos = tokenizer.bos_token
         adds_own_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
@@ -231,22 +250,22 @@ class ChatTemplate(Template):
         rendered: list[list[Segment]] = []
         previous = ""
         for human, gpt in turns:
-            reply = gpt.strip()
             messages.append({"role": "user", "content": human})
             prompt = self._render(messages, add_generation_prompt=True)
-            messages.append({"role": "assistant", "content": reply})
+            messages.append({"role": "assistant", "content": gpt})
             full = self._render(messages, add_generation_prompt=False)
             if not prompt.startswith(previous):
                 raise self._refuse("rewrites earlier turns as the chat grows")
             if not full.startswith(prompt):
                 raise self._refuse("renders a reply without the generation prompt it asks for")
             question, answer = prompt[len(previous) :], full[len(prompt) :]
-            if reply not in answer:
+            if gpt.strip() not in answer:
                 raise self._refuse("does not render assistant replies verbatim")
             if question.count(IMAGE_TAG) != human.count(IMAGE_TAG):
                 raise self._refuse(f"does not pass {IMAGE_TAG} tags through unchanged")
             end = len(answer.rstrip())
-            segments = [(question, False), (answer[:end], True), (answer[end:], False)]
+            reply = answer[:end] + (self.tokenizer.eos_token if self.appends_end_token else "")
+            segments = [(question, False), (reply, True), (answer[end:], False)]
             rendered.append([segment for segment in segments if segment[0]])
             previous = full
         return rendered
@@ -261,7 +280,9 @@ def build_template(name: str, system: str | None = None, tokenizer=None) -> Temp
 
 def to_turns(messages: list[dict]) -> list[tuple[str, str]]:
     """Check a LLaVA `conversations` list and pair it into (human, gpt) turns."""
-    if not isinstance(messages, list) or not messages:
+    if not isinstance(messages, list):
+        raise SampleError("bad_conversation", f"'conversations' must be a list, got {type(messages).__name__}")
+    if not messages:
         raise SampleError("empty_conversation", "the conversation has no messages")
     if not all(isinstance(m, dict) for m in messages):
         raise SampleError("bad_conversation", "messages must be objects with 'from' and 'value'")
@@ -288,7 +309,9 @@ class ConversationEncoder:
     """Tokenizes chats with a template, expands each `<image>` tag and masks labels.
 
     Given the number of tokens one image becomes (the tower's grid after the projector),
-    each tag becomes that many placeholder ids, so the model splices features 1:1.
+    each tag becomes that many placeholder ids, so the model splices features 1:1. The label
+    mask needs character offsets, so the tokenizer must be a `tokenizers`-backed one (every
+    transformers 5 tokenizer of a Llama, Qwen, Gemma, ... is).
     """
 
     def __init__(
@@ -307,17 +330,34 @@ class ConversationEncoder:
             raise ValueError(f"the tokenizer has no {IMAGE_TAG} token; add it as a special token")
         if template.appends_end_token and tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos token, so answers could not end")
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(
+                f"the tokenizer {type(tokenizer).__name__} gives no character offsets, which label masks need; "
+                "load a tokenizers-backed one (AutoTokenizer does by default)"
+            )
         for token in template.control_tokens:
             if len(tokenizer(token, add_special_tokens=False)["input_ids"]) != 1:
                 raise ValueError(f"the template writes {token!r}, which the tokenizer does not read as one token")
 
-    def _ids(self, text: str, counts: list[int]) -> list[int]:
-        """Token ids of `text`; each image tag takes the next per-image count from `counts`."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        out: list[int] = []
-        for t in ids:
-            out.extend([t] * counts.pop(0) if t == self.image_token_id else [t])
-        return out
+    def _tokenize(self, text: str, counts: list[int]) -> tuple[list[int], list[int]]:
+        """Token ids of `text`, each image tag expanded to the next count of `counts`, and the
+        character where each token starts. LLaVA's templates tokenize each chunk between tags on
+        its own (`tokenizer_image_token`); others tokenize the text whole (a processor's rule)."""
+        ids: list[int] = []
+        starts: list[int] = []
+        chunks = text.split(IMAGE_TAG) if self.template.tokenizes_images_apart else [text]
+        offset = 0
+        for k, chunk in enumerate(chunks):
+            if k:
+                ids += [self.image_token_id] * counts.pop(0)
+                starts += [offset - len(IMAGE_TAG)] * (len(ids) - len(starts))
+            encoded = self.tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
+            for token, (start, _) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True):
+                n = counts.pop(0) if token == self.image_token_id else 1
+                ids += [token] * n
+                starts += [offset + start] * n
+            offset += len(chunk) + len(IMAGE_TAG)
+        return ids, starts
 
     def _start(
         self, turns: list[tuple[str, str]], num_images: int, image_tokens: list[int] | None
@@ -332,33 +372,48 @@ class ConversationEncoder:
         bos = self.tokenizer.bos_token_id
         return counts, [bos] if self.template.adds_bos and bos is not None else []
 
+    def _encode_segments(
+        self, rendered: list[list[Segment]], counts: list[int], opening: list[int]
+    ) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Ids and labels of the rendered turns; per turn, the token index where it ends and the
+        images it holds. A token is supervised when it starts inside a supervised segment."""
+        text = ""
+        spans: list[tuple[int, int]] = []
+        turn_ends: list[int] = []
+        turn_images: list[int] = []
+        for segments in rendered:
+            for segment, supervised in segments:
+                if supervised:
+                    spans.append((len(text), len(text) + len(segment)))
+                text += segment
+            turn_ends.append(len(text))
+            turn_images.append(sum(segment.count(IMAGE_TAG) for segment, _ in segments))
+        ids, starts = self._tokenize(text, counts)
+        labels = [
+            token if token != self.image_token_id and any(a <= s < b for a, b in spans) else IGNORE_INDEX
+            for token, s in zip(ids, starts, strict=True)
+        ]
+        token_ends = [len(opening) + sum(1 for s in starts if s < end) for end in turn_ends]
+        return opening + ids, [IGNORE_INDEX] * len(opening) + labels, token_ends, turn_images
+
     def encode(self, messages: list[dict], num_images: int, image_tokens: list[int] | None = None) -> Encoded:
-        """`image_tokens` gives each image's token count when they differ (anyres crops)."""
+        """`image_tokens` gives each image's token count when they differ (anyres crops).
+
+        Turns that do not fit `max_length` are dropped whole, with every turn after them: a cut
+        turn would teach a cut answer.
+        """
         turns = to_turns(messages)
-        counts, input_ids = self._start(turns, num_images, image_tokens)
-        labels: list[int] = [IGNORE_INDEX] * len(input_ids)
-        images_kept = 0
-        for segments in self.template.render(turns):
-            turn_ids: list[int] = []
-            turn_labels: list[int] = []
-            images_in_turn = 0
-            for text, supervised in segments:
-                images_in_turn += text.count(IMAGE_TAG)
-                ids = self._ids(text, counts)
-                if supervised and self.template.appends_end_token:
-                    ids = ids + [self.tokenizer.eos_token_id]
-                turn_ids += ids
-                turn_labels += ids if supervised else [IGNORE_INDEX] * len(ids)
-            if len(input_ids) + len(turn_ids) > self.max_length:
-                break  # drop this turn and the rest: a cut turn would teach a cut answer
-            input_ids += turn_ids
-            labels += turn_labels
-            images_kept += images_in_turn
-        if all(label == IGNORE_INDEX for label in labels):
+        counts, opening = self._start(turns, num_images, image_tokens)
+        input_ids, labels, turn_ends, turn_images = self._encode_segments(self.template.render(turns), counts, opening)
+        kept = sum(1 for end in turn_ends if end <= self.max_length)
+        if kept == 0:
             raise SampleError("too_long", f"the first turn alone exceeds max_length={self.max_length}")
-        if images_kept != num_images:
+        if sum(turn_images[:kept]) != num_images:
             raise SampleError("too_long", f"truncation to max_length={self.max_length} would drop an image")
-        return Encoded(input_ids, labels, num_images)
+        end = turn_ends[kept - 1]
+        if all(label == IGNORE_INDEX for label in labels[:end]):
+            raise SampleError("empty_conversation", "no token of the replies is supervised")
+        return Encoded(input_ids[:end], labels[:end], num_images)
 
     def encode_prompt(self, messages: list[dict], num_images: int, image_tokens: list[int] | None = None) -> Encoded:
         """A chat ending with a human turn, as the model sees it before replying: earlier turns in
@@ -373,16 +428,11 @@ class ConversationEncoder:
         if messages[-1].get("from") not in ("human", "user"):
             raise SampleError("bad_conversation", "a prompt must end with a human turn")
         turns = to_turns([*messages, {"from": "gpt", "value": "reply"}])
-        counts, input_ids = self._start(turns, num_images, image_tokens)
+        counts, opening = self._start(turns, num_images, image_tokens)
         rendered = self.template.render(turns)
-        for i, segments in enumerate(rendered):
-            for text, supervised in segments:
-                if supervised and i == len(rendered) - 1:
-                    break  # the placeholder reply: the prompt ends before it
-                ids = self._ids(text, counts)
-                if supervised and self.template.appends_end_token:
-                    ids = ids + [self.tokenizer.eos_token_id]
-                input_ids += ids
+        last = rendered[-1]
+        reply = next(i for i, (_, supervised) in enumerate(last) if supervised)
+        input_ids, _, _, _ = self._encode_segments([*rendered[:-1], last[:reply]], counts, opening)
         if len(input_ids) > self.max_length:
             raise SampleError("too_long", f"the prompt has {len(input_ids)} tokens, max_length={self.max_length}")
         return Encoded(input_ids, [IGNORE_INDEX] * len(input_ids), num_images)
