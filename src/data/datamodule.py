@@ -18,12 +18,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from src.data.conversation import MC_FORMATS, TEMPLATES, ConversationEncoder, build_template
+from src.data.decode import IMAGE_FORMATS, MAX_PIXELS, ImagePolicy
 from src.data.samples import IMAGE_POSITIONS, PROMPT_VIEW, VIEWS, ExampleBuilder
 from src.data.stream import (  # noqa: F401  (re-exported: the data API in one place)
     BATCHING,
     JsonSamples,
     ShardStream,
     StreamSource,
+    check_shards,
     collate,
     count_samples,
     expand_shards,
@@ -128,6 +130,8 @@ class LlavaDataModule(LightningDataModule):
         predict_shards: str | list[str] | None = None,
         predict_json: str | None = None,
         predict_images: str | None = None,
+        image_formats: list[str] | None = None,
+        max_image_pixels: int = MAX_PIXELS,
     ) -> None:
         """
         Args:
@@ -168,6 +172,10 @@ class LlavaDataModule(LightningDataModule):
                 processes and workers by sample index.
             predict_json: instead of predict_shards, a LLaVA-format JSON list or JSONL file.
             predict_images: the image folder of predict_json's relative paths (default: the JSON's folder).
+            image_formats: image formats decoded, as Pillow names them, told by the bytes, never the
+                member's name (default: JPEG, PNG, WEBP); an image in any other is skipped (`bad_image_format`).
+            max_image_pixels: an image whose header claims more pixels (width x height) is skipped before
+                it is decoded (`too_many_pixels`): the decompression-bomb budget, below Pillow's own.
         """
         super().__init__()
         for view in [eval_view, *([train_view] if isinstance(train_view, str) else train_view)]:
@@ -184,6 +192,7 @@ class LlavaDataModule(LightningDataModule):
             raise ValueError("set data.train_shards or data.train_mixture, not both")
         if predict_shards is not None and predict_json is not None:
             raise ValueError("set data.predict_shards or data.predict_json, not both")
+        self.image_policy = ImagePolicy(IMAGE_FORMATS if image_formats is None else image_formats, max_image_pixels)
         self.mixture = [m if isinstance(m, MixtureSource) else MixtureSource(**m) for m in train_mixture or []]
         for source in self.mixture:
             views = [source.view] if isinstance(source.view, str) else source.view or []
@@ -277,6 +286,7 @@ class LlavaDataModule(LightningDataModule):
         sources, examples = [], 0
         for shards, weight, view, resample, samples, name in specs:
             urls = expand_shards(shards)
+            check_shards(urls, shards, f"training shards{f' of {name}' if name else ''}")
             count = samples or count_samples(urls)
             if count is None and not hp.samples_per_epoch:
                 raise ValueError(
@@ -297,7 +307,7 @@ class LlavaDataModule(LightningDataModule):
             [], None, hp.batch_size, self._pad_id(), rank=rank, world_size=world, seed=hp.seed,
             shuffle_buffer=hp.shuffle_buffer, batches_per_epoch=batches, sources=sources, batching=hp.batching,
             window_batches=hp.window_batches, pack_length=hp.pack_length or hp.max_length,
-            resume=self._resume_for(rank, batches),
+            resume=self._resume_for(rank, batches), image_policy=self.image_policy,
         )  # fmt: skip
         return self._loader(stream, persistent=True)
 
@@ -351,7 +361,8 @@ class LlavaDataModule(LightningDataModule):
         mine = {str(rank * workers + w) for w in range(workers)}
         resume = {k: v for k, v in state["positions"].items() if k in mine}
         used = {k: v for k, v in state["epoch_used"].items() if k in mine}
-        if sum(state["epoch_used"].values()) < batches_per_epoch:  # stopped mid-epoch: finish it
+        # batches_per_epoch counts one rank's batches: compare this rank's readers' (ranks run in step)
+        if sum(used.values()) < batches_per_epoch:  # stopped mid-epoch: finish it
             resume["epoch_used"] = used
         rank_zero_info(f"data stream resumes {len(state['positions'])} readers where the checkpoint left them")
         return resume
@@ -367,10 +378,12 @@ class LlavaDataModule(LightningDataModule):
         if spec is None:
             raise ValueError(f"data.{name} is not set")
         rank, world = self._rank()
+        urls = expand_shards(spec)
+        check_shards(urls, spec, f"data.{name}")  # before the model's spec is asked for
         stream = ShardStream(
-            expand_shards(spec), self._builder(self.hparams.eval_view),
+            urls, self._builder(self.hparams.eval_view),
             self.hparams.eval_batch_size or self.hparams.batch_size, self._pad_id(),
-            rank=rank, world_size=world,
+            rank=rank, world_size=world, image_policy=self.image_policy,
         )  # fmt: skip
         return self._lockstep(self._loader(stream, persistent=False))
 
@@ -389,9 +402,11 @@ class LlavaDataModule(LightningDataModule):
         rank, world = self._rank()
         json_source = JsonSamples(hp.predict_json, hp.predict_images) if hp.predict_json is not None else None
         shards = [str(hp.predict_json)] if json_source is not None else expand_shards(hp.predict_shards)
+        if json_source is None:
+            check_shards(shards, hp.predict_shards, "data.predict_shards")
         stream = ShardStream(
             shards, self._builder(PROMPT_VIEW), hp.eval_batch_size or hp.batch_size, self._pad_id(),
-            rank=rank, world_size=world, raw_source=json_source,
+            rank=rank, world_size=world, raw_source=json_source, image_policy=self.image_policy,
         )  # fmt: skip
         return self._lockstep(self._loader(stream, persistent=False))
 

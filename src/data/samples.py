@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from src.data import records
 from src.data.conversation import (
     IMAGE_TAG,
     MC_FORMATS,
-    OPTION_LETTERS,
     ConversationEncoder,
     SampleError,
     multiple_choice_answer,
@@ -44,35 +44,21 @@ def _chats(
     record: dict, view: str, num_images: int, mc_format: str, image_position: str = "first"
 ) -> list[tuple[list[dict], dict | None]]:
     if view == "conversations":
-        if "conversations" not in record:
-            raise SampleError("missing_field", "no 'conversations' in the sample")
-        return [(record["conversations"], None)]
+        return [(records.conversation(record), None)]
     if view == "caption":
-        text = record.get("caption")
-        if not isinstance(text, str) or not text.strip():
-            raise SampleError("missing_field", "no caption in the sample")
+        text = records.caption(record)
         tags = "\n".join(IMAGE_TAG for _ in range(num_images))
         return [([{"from": "human", "value": tags}, {"from": "gpt", "value": text}], None)]
     chats = []
-    for mc in record.get("mc") or []:
-        try:
-            question, options, answer = mc["question"], list(mc["options"]), int(mc["answer"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise SampleError("bad_mc", f"a multiple-choice item lacks question/options/answer ({error})") from error
-        if not 2 <= len(options) <= len(OPTION_LETTERS):
-            raise SampleError("bad_mc", f"{len(options)} options; a question needs 2 to {len(OPTION_LETTERS)}")
-        if not 0 <= answer < len(options):
-            raise SampleError("bad_mc", f"answer {answer} is not one of {len(options)} options")
+    for mc in records.questions(record):
+        options = list(mc.options)
         tags = "\n".join(IMAGE_TAG for _ in range(num_images))
-        text = multiple_choice_prompt(question, options, mc_format)
+        text = multiple_choice_prompt(mc.question, options, mc_format)
         prompt = f"{tags}\n{text}" if image_position == "first" else f"{text}\n{tags}"
-        reply = multiple_choice_answer(options, answer, mc_format)
+        reply = multiple_choice_answer(options, mc.answer, mc_format)
         chat = [{"from": "human", "value": prompt.strip("\n")}, {"from": "gpt", "value": reply}]
-        kind = mc.get("type", "all")  # a question type, or a list of the groups it counts in
-        kind = [str(k) for k in kind] if isinstance(kind, list) else str(kind)
-        chats.append((chat, {"options": options, "answer": answer, "type": kind}))
-    if not chats:
-        raise SampleError("missing_field", "no multiple-choice questions in the sample")
+        kind = list(mc.type) if isinstance(mc.type, tuple) else mc.type
+        chats.append((chat, {"options": options, "answer": mc.answer, "type": kind}))
     return chats
 
 
@@ -119,6 +105,7 @@ class ExampleBuilder:
         return [self._reply_ids(multiple_choice_answer(options, k, self.mc_format)) for k in range(len(options))]
 
     def __call__(self, record: dict, images: list[Image.Image]) -> list[Example]:
+        records.check_images(record, len(images), needs_image="caption" in self.views)
         if self.blank_images:
             images = [Image.new("RGB", image.size, BLANK_GREY) for image in images]
         # a transform gives (3, H, W) or, tiling an image into crops (anyres), (views, 3, H, W);
@@ -148,9 +135,9 @@ class ExampleBuilder:
     def _prompt_example(self, record: dict, num_images: int, counts: list[int], pixels) -> Example:
         """The `prompt` view: the conversation up to its last human turn, encoded with the generation
         prompt; a final gpt turn is dropped and kept as the reference answer."""
-        messages = record.get("conversations")
-        if not isinstance(messages, list) or not messages:
-            raise SampleError("missing_field", "no 'conversations' in the sample")
+        messages = records.conversation(record)
+        if not messages:
+            raise SampleError("empty_conversation", "the conversation has no messages")
         reference = None
         last = messages[-1]
         if isinstance(last, dict) and last.get("from") in ("gpt", "assistant"):

@@ -41,13 +41,23 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from itertools import groupby
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from src.data.conversation import IGNORE_INDEX, IMAGE_TAG, SampleError, to_turns
-from src.data.decode import _IMAGE_SUFFIX, SkipCounter, decode_image, decode_sample
+from src.data.conversation import IGNORE_INDEX, IMAGE_TAG, SampleError
+from src.data.decode import (
+    _IMAGE_SUFFIX,
+    IMAGE_FORMATS,
+    MAX_PIXELS,
+    ImagePolicy,
+    SkipCounter,
+    decode_image,
+    decode_sample,
+    describe,
+)
+from src.data.records import check_fields, check_images, llava_record, parse_json, read_sizes_table
 
 BLOCK = 512  # a tar header, and the unit member data is padded to
 RECORD = 20 * BLOCK  # tarfile pads a closed archive to whole records of 10 KiB
@@ -57,6 +67,9 @@ _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 UNSAFE_EXTENSIONS = ("pyd", "pickle", "pkl", "pth")
 MEMBER_TYPES = ("jpg", "png", "webp", "json", "txt", "unsafe", "other")
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"}
+CONVERTED_FORMATS = ("GIF", "BMP", "TIFF")
+"""Input image formats the writer re-encodes to PNG (OCR-VQA's GIFs); any other is refused."""
+WRITER_POLICY = ImagePolicy(IMAGE_FORMATS + CONVERTED_FORMATS, MAX_PIXELS)
 
 
 # ---------------------------------------------------------------- reading the input
@@ -67,13 +80,22 @@ def read_records(path: Path) -> tuple[Iterator[Any], int | None]:
 
     `.jsonl` is read as JSONL; anything else is sniffed: a first character `[` means one JSON
     list (loaded whole, as LLaVA loads it), otherwise one record per line. A JSONL line that
-    does not parse comes out as a `SampleError` so the writer counts it and goes on; blank
-    lines are ignored.
+    does not parse (or nests too deeply) comes out as a `SampleError` so the writer counts it and
+    goes on; blank lines are ignored. A JSON list that does not parse as a whole raises
+    ValueError naming the file: there is no record boundary to skip to.
     """
     with open(path, "rb") as stream:
         head = stream.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     if path.suffix != ".jsonl" and head.startswith(b"["):
-        records = json.loads(path.read_bytes())
+        try:
+            records = json.loads(path.read_bytes())
+        except RecursionError as error:
+            raise ValueError(
+                f"{path} holds a record nested deeper than Python's JSON parser allows; as JSONL (one record "
+                "per line) such records are skipped one by one"
+            ) from error
+        except ValueError as error:
+            raise ValueError(f"{path} is not valid JSON ({error})") from error
         if not isinstance(records, list):
             raise ValueError(f"{path} is not a JSON list of records")
         return iter(records), len(records)
@@ -86,25 +108,9 @@ def _jsonl(path: Path) -> Iterator[Any]:
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
-            except ValueError as error:  # JSONDecodeError and UnicodeDecodeError alike
-                yield SampleError("bad_json", f"line {number} does not parse ({error})")
-
-
-def image_paths(record: dict) -> list[str]:
-    """The record's image paths in `<image>` order: `image` (a path or a list) or `images`."""
-    if "image" in record and "images" in record:
-        raise SampleError("bad_image_path", "the record has both 'image' and 'images'")
-    value = record.get("image", record.get("images"))
-    if value is None:
-        return []
-    paths = [value] if isinstance(value, str) else value
-    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
-        raise SampleError("bad_image_path", f"image paths must be strings, got {value!r}")
-    for p in paths:
-        if PurePath(p).is_absolute() or ".." in PurePath(p).parts:
-            raise SampleError("bad_image_path", f"{p!r} is not a path inside the image folder")
-    return paths
+                yield parse_json(line)
+            except SampleError as error:  # bad_json / too_deep: counted, and the next line is read
+                yield SampleError(error.reason, f"line {number}: {error}")
 
 
 def image_format(data: bytes) -> str | None:
@@ -119,7 +125,7 @@ def image_format(data: bytes) -> str | None:
 
 
 def _to_png(data: bytes) -> bytes:
-    with Image.open(io.BytesIO(data)) as image:
+    with Image.open(io.BytesIO(data), formats=WRITER_POLICY.formats) as image:
         image.load()
         if image.mode not in _PNG_MODES:
             image = image.convert("RGBA" if image.mode.endswith("A") else "RGB")
@@ -128,7 +134,7 @@ def _to_png(data: bytes) -> bytes:
         return buffer.getvalue()
 
 
-def load_image(path: Path) -> tuple[bytes, str, bool]:
+def load_image(path: Path, policy: ImagePolicy = WRITER_POLICY) -> tuple[bytes, str, bool]:
     """(bytes, member extension, whether re-encoded) of one image file."""
     if not path.is_file():
         raise SampleError("missing_image", f"{path} is not a file")
@@ -137,9 +143,9 @@ def load_image(path: Path) -> tuple[bytes, str, bool]:
     except OSError as error:
         raise SampleError("bad_image", f"{path} cannot be read ({error})") from error
     try:
-        decode_image(data)  # the reader's own check: what is written here reads there
+        decode_image(data, policy=policy)  # the reader's own check: what is written here reads there
     except SampleError as error:
-        raise SampleError("bad_image", f"{path}: {error}") from error
+        raise SampleError(error.reason, f"{path}: {str(error)[len(error.reason) + 2 :]}") from error
     fmt = image_format(data)
     return (data, fmt, False) if fmt else (_to_png(data), "png", True)
 
@@ -244,7 +250,7 @@ def _shard_name(prefix: str) -> re.Pattern[str]:
 def update_sizes(out: Path, prefix: str, sizes: dict[str, int]) -> None:
     """Replace this prefix's entries in `out/sizes.json`, keeping every other set's."""
     path = out / "sizes.json"
-    table = json.loads(path.read_text()) if path.is_file() else {}
+    table = read_sizes_table(path) if path.is_file() else {}
     own = _shard_name(prefix)
     table = {name: n for name, n in table.items() if not own.match(name)} | sizes
     path.write_text(json.dumps(dict(sorted(table.items())), indent=1) + "\n")
@@ -261,27 +267,26 @@ def _remove_stale(out: Path, prefix: str, written: int) -> list[str]:
 # ---------------------------------------------------------------- writing
 
 
-def build_sample(record: Any, image_root: Path) -> tuple[dict[str, bytes], int]:
+def build_sample(record: Any, image_root: Path, policy: ImagePolicy = WRITER_POLICY) -> tuple[dict[str, bytes], int]:
     """The tar members of one record (no key yet) and how many images were re-encoded;
-    raises SampleError. Cheap checks come first, so a bad record costs no image reads."""
-    if isinstance(record, SampleError):
-        raise record
-    if not isinstance(record, dict):
-        raise SampleError("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
-    if "conversations" not in record:
-        raise SampleError("no_conversations", "the record has no 'conversations'")
-    turns = to_turns(record["conversations"])  # bad_conversation / empty_conversation
-    paths = image_paths(record)
-    tags = sum(h.count(IMAGE_TAG) + g.count(IMAGE_TAG) for h, g in turns)
-    if tags != len(paths):
-        raise SampleError("image_tag_mismatch", f"{tags} {IMAGE_TAG} tags but {len(paths)} images")
-    sample = {"json": json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")}
+    raises SampleError. The record is checked first (`records.llava_record`: the checks the
+    stream makes), so a bad record costs no image reads."""
+    checked = llava_record(record)
+    sample = {"json": json.dumps(checked.record, ensure_ascii=False, separators=(",", ":")).encode("utf-8")}
     reencoded = 0
-    for index, relative in enumerate(paths):
-        data, ext, converted = load_image(image_root / relative)
-        sample[ext if len(paths) == 1 else f"{index}.{ext}"] = data
+    for index, relative in enumerate(checked.image_paths):
+        data, ext, converted = load_image(image_root / relative, policy)
+        sample[ext if len(checked.image_paths) == 1 else f"{index}.{ext}"] = data
         reencoded += converted
     return sample, reencoded
+
+
+def _record_name(record: Any, index: int, source: str | None) -> str:
+    """Which input record a skip is about: its number, its id when it has one, and the file."""
+    name = f"record {index}"
+    if isinstance(record, dict) and isinstance(record.get("id"), (str, int)) and not isinstance(record["id"], bool):
+        name += f" (id {str(record['id'])[:100]!r})"
+    return name + (f" of {source}" if source else "")
 
 
 def write_shards(
@@ -294,18 +299,24 @@ def write_shards(
     limit: int | None = None,
     total: int | None = None,
     progress: bool = False,
+    source: str | None = None,
+    max_pixels: int = MAX_PIXELS,
 ) -> dict:
     """Write records as shards in input order; returns (and saves as `{prefix}-summary.json`)
     what was written and what was skipped, by reason.
 
     `records` may hold `SampleError`s (lines that did not parse); they are counted as skips.
-    `limit` stops after that many input records, skipped ones included.
+    `limit` stops after that many input records, skipped ones included. `source` names the
+    input file in skip messages. `max_pixels` is the image budget (the reader's default).
     """
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     image_root, out = Path(image_root), Path(out)
+    policy = ImagePolicy(WRITER_POLICY.formats, max_pixels)
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "sizes.json").is_file():
+        read_sizes_table(out / "sizes.json")  # a broken table stops us now, not after hours of writing
     sink = ShardSink(out, prefix, max_count, int(max_size))
     skips = SkipCounter()
     counts: Counter[str] = Counter()
@@ -322,9 +333,9 @@ def write_shards(
                 counts["records"] += 1
                 bar.update()
                 try:
-                    members, reencoded = build_sample(record, image_root)
+                    members, reencoded = build_sample(record, image_root, policy)
                 except SampleError as error:
-                    skips.skip(error.reason, f"record {index}: {error}")
+                    skips.skip(error.reason, f"{_record_name(record, index, source)}: {error}")
                     continue
                 sink.write({"__key__": keys(record.get("id"), index), **members})
                 images = len(members) - 1  # all but the json
@@ -444,9 +455,14 @@ def inspect_shards(
     from src.data.datamodule import expand_shards, read_sizes
 
     urls = expand_shards(shards)
-    expected = read_sizes(urls)
+    try:
+        expected, sizes_error = read_sizes(urls), None
+    except ValueError as error:  # the inspector reports a broken sizes.json instead of stopping at it
+        expected, sizes_error = {}, str(error)
     builder = _builder(tokenizer, template, image_tokens, view) if tokenizer is not None else None
+    skips = SkipCounter()  # logs the first few samples of each reason, by shard and key
     report: dict[str, Any] = {
+        "sizes_error": sizes_error,
         "shards": [],
         "samples": 0,
         "members": Counter(),
@@ -479,7 +495,7 @@ def inspect_shards(
                 break
             seen += 1
             report["samples"] += 1
-            _inspect_sample(raw, report, builder, lengths, tokenizer, image_tokens, show)
+            _inspect_sample(raw, report, builder, lengths, tokenizer, image_tokens, show, skips)
         if errors:  # webdataset reports one cut tar twice (member, then shard): keep the first
             report["shard_errors"].append(f"{url}: {errors[0]}")
         report["shards"].append({"shard": url, "samples": seen, "expected": expected.get(url), "complete": complete})
@@ -489,8 +505,9 @@ def inspect_shards(
 
 
 def _inspect_sample(
-    raw: dict, report: dict, builder, lengths: list[int], tokenizer, image_tokens: int, show: int
-) -> None:
+    raw: dict, report: dict, builder, lengths: list[int], tokenizer, image_tokens: int, show: int,
+    skips: SkipCounter,
+) -> None:  # fmt: skip
     for suffix in raw:
         if suffix.startswith("__"):
             continue
@@ -502,16 +519,25 @@ def _inspect_sample(
         record, images = decode_sample(raw)
     except SampleError as error:
         report["corrupt"][error.reason] += 1
+        skips.skip(error.reason, f"{describe(raw)}: {error}")
         return
     report["images_per_sample"][len(images)] += 1
     report["text_only"] += not images
     report["fields"].update(f for f in ("conversations", "caption", "mc") if record.get(f))
+    try:  # every field it carries, as any view would read it, and the images its record declares
+        check_fields(record)
+        check_images(record, len(images), needs_image=False)
+    except SampleError as error:
+        report["corrupt"][error.reason] += 1
+        skips.skip(error.reason, f"{describe(raw)}: {error}")
+        return
     if builder is None:
         return
     try:
         examples = builder(record, images)
     except SampleError as error:
         report["unencodable"][error.reason] += 1
+        skips.skip(error.reason, f"{describe(raw)} ({builder.views[0]} view): {error}")
         return
     for example in examples:
         lengths.append(len(example.input_ids))
@@ -535,6 +561,8 @@ def format_report(
         f"{len(report['shards'])} shards, {report['samples']} samples"
         + (" (stopped at --samples)" if report["stopped"] else "")
     ]
+    if report.get("sizes_error"):
+        lines.append(f"sizes.json unusable: {report['sizes_error']}")
     for shard in report["shards"]:
         if shard["expected"] is None:
             note = "not in a sizes.json"
@@ -584,6 +612,7 @@ def main(argv: list[str] | None = None) -> None:
     write.add_argument("--max-count", type=int, default=10000, help="samples per shard at most")
     write.add_argument("--max-size", type=float, default=3e9, help="bytes per shard at most (3e9 accepted)")
     write.add_argument("--limit", type=int, default=None, help="read only the first N records")
+    write.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="images over this many pixels are skipped")
     inspect = commands.add_parser("inspect", help="counts, member types and token lengths of a shard set")
     inspect.add_argument("shards", nargs="+", help="shard paths, brace patterns or URLs")
     inspect.add_argument("--tokenizer", default=None, help="tokenizer folder or hub name: adds token-length stats")
@@ -596,15 +625,25 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.command == "write":
-        if args.max_count < 1 or args.max_size < 1:
-            parser.error("--max-count and --max-size must be positive")
+        if args.max_count < 1 or args.max_size < 1 or args.max_pixels < 1:
+            parser.error("--max-count, --max-size and --max-pixels must be positive")
+        if not args.json.is_file():
+            parser.error(f"--json {args.json} is not a file")
+        if not args.images.is_dir():
+            parser.error(f"--images {args.images} is not a folder")
         try:
             records, total = read_records(args.json)
         except ValueError as error:  # a JSON list that does not parse cannot be skipped around
             parser.error(f"cannot read {args.json}: {error}")
+        if (args.out / "sizes.json").is_file():
+            try:
+                read_sizes_table(args.out / "sizes.json")  # its other sets' entries are kept: it must read
+            except ValueError as error:
+                parser.error(str(error))
         summary = write_shards(
             records, args.images, args.out, prefix=args.prefix, max_count=args.max_count,
-            max_size=int(args.max_size), limit=args.limit, total=total, progress=True,
+            max_size=int(args.max_size), limit=args.limit, total=total, progress=True, source=str(args.json),
+            max_pixels=args.max_pixels,
         )  # fmt: skip
         print(format_summary(summary, args.out, args.prefix))
         return

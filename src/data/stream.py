@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -33,7 +34,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from src.data.conversation import IGNORE_INDEX, SampleError
-from src.data.decode import SkipCounter, decode_sample
+from src.data.decode import DEFAULT_POLICY, ImagePolicy, SkipCounter, decode_sample, describe
+from src.data.records import as_object, read_sizes_table
 from src.data.samples import Example, ExampleBuilder
 
 BATCHING = ("shuffle", "modality_length", "pack")
@@ -45,17 +47,50 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     return [url for item in specs for url in braceexpand(item)]
 
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+
+
+def local_path(url: str) -> Path | None:
+    """The file a shard URL names on this machine; None for what only its opener can check
+    (`pipe:`, `https://`, `s3://` ...)."""
+    scheme = _SCHEME.match(url)
+    if scheme is None:
+        return Path(url)
+    if scheme.group(1) == "file":
+        return Path(url[len("file:") :].removeprefix("//"))
+    return None
+
+
+def check_shards(urls: list[str], spec: str | list[str] | None = None, what: str = "shards") -> None:
+    """Start-up check: every local shard exists. A missing one would otherwise be one `bad_shard`
+    skip per pass: an evaluation with no metrics, or training that stops hours later with "no
+    usable sample"."""
+    missing = [url for url in urls if (path := local_path(url)) is not None and not path.is_file()]
+    if not missing:
+        return
+    first = local_path(missing[0])
+    problem = "is a folder, not a shard" if first is not None and first.is_dir() else "does not exist"
+    named = f" named by {spec!r}" if spec is not None else ""
+    hint = " (brace patterns expand, * globs do not)" if any("*" in url for url in missing) else ""
+    raise FileNotFoundError(
+        f"{what}: {missing[0]} {problem}; {len(missing)} of the {len(urls)} shards{named} are missing{hint}"
+    )
+
+
 def read_sizes(shards: list[str]) -> dict[str, int]:
-    """Samples per shard from the `sizes.json` beside each local shard (unknown ones left out)."""
+    """Samples per shard from the `sizes.json` beside each local shard (unknown ones left out).
+    A `sizes.json` that is not a table of whole numbers raises ValueError naming it."""
     sizes: dict[str, int] = {}
     tables: dict[Path, dict] = {}
     for shard in shards:
-        path = Path(shard)
+        path = local_path(shard)
+        if path is None:
+            continue
         table_path = path.parent / "sizes.json"
         if table_path not in tables:
-            tables[table_path] = json.loads(table_path.read_text()) if table_path.is_file() else {}
+            tables[table_path] = read_sizes_table(table_path) if table_path.is_file() else {}
         if path.name in tables[table_path]:
-            sizes[shard] = int(tables[table_path][path.name])
+            sizes[shard] = tables[table_path][path.name]
     return sizes
 
 
@@ -113,25 +148,30 @@ class JsonSamples:
     """
 
     def __init__(self, path: str | Path, image_root: str | Path | None = None) -> None:
+        from src.data.shards import read_records
+
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path} is not a file (a LLaVA-format JSON or JSONL)")
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
+        if not self.image_root.is_dir():
+            raise FileNotFoundError(f"the image folder {self.image_root} of {self.path} is not a folder")
+        read_records(self.path)  # a JSON list that does not parse stops start-up, not a worker
 
     def __call__(self, slot: int, slots: int) -> Iterator[dict]:
-        from src.data.shards import image_paths, load_image, read_records
+        from src.data.records import image_paths
+        from src.data.shards import load_image, read_records
 
         records, _ = read_records(self.path)
         for index, record in enumerate(records):
             if index % slots != slot:
                 continue
-            key = str(record.get("id", index)) if isinstance(record, dict) else str(index)
+            key = str(index)
+            if isinstance(record, dict) and isinstance(record.get("id"), (str, int)):
+                key = str(record["id"])
             raw: dict = {"__key__": key, "__url__": str(self.path), "__index__": index}
             try:
-                if isinstance(record, SampleError):
-                    raise record
-                if not isinstance(record, dict):
-                    raise SampleError("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
+                record = as_object(record)  # not_an_object / too_deep, or the line's bad_json
                 raw["json"] = json.dumps(record, ensure_ascii=False).encode("utf-8")
                 paths = image_paths(record)
                 for k, relative in enumerate(paths):
@@ -286,6 +326,7 @@ class ShardStream(IterableDataset):
         resume: dict | None = None,
         collate_fn: Callable | None = None,
         raw_source: Callable[[int, int], Iterator[dict]] | None = None,
+        image_policy: ImagePolicy = DEFAULT_POLICY,
     ) -> None:
         if sources is None:
             if not shards:
@@ -311,7 +352,9 @@ class ShardStream(IterableDataset):
         self.resume = resume or {}
         self.collate = collate_fn or collate
         self.raw_source = raw_source  # evaluation: (slot, slots) -> this reader's raw samples, instead of the tars
+        self.image_policy = image_policy
         self.skips = SkipCounter()
+        check_shards(self.shards)
         self.expected = read_sizes(self.shards)  # to count samples a cut tar lost without an error
         self.report_shard_errors = True
         self._stream: Iterator[dict] | None = None
@@ -351,7 +394,7 @@ class ShardStream(IterableDataset):
         try:
             if "__error__" in raw:  # a record its source could not read (JsonSamples)
                 raise raw["__error__"]
-            record, images = decode_sample(raw, draft=builder.draft_size if draft else None)
+            record, images = decode_sample(raw, builder.draft_size if draft else None, self.image_policy)
             examples = builder(record, images)
             for example in examples:  # prediction: which sample this is, to name and order the outputs
                 if example.meta is not None:
@@ -360,7 +403,7 @@ class ShardStream(IterableDataset):
                         example.meta["id"] = str(raw.get("__key__"))
             return examples
         except SampleError as error:
-            self.skips.skip(error.reason, f"{raw.get('__key__')} in {raw.get('__url__')}: {error}")
+            self.skips.skip(error.reason, f"{describe(raw)}: {error}")
             return []
 
     def _examples(self, raw_samples: Iterator[dict]) -> Iterator[Example]:

@@ -441,19 +441,29 @@ def test_broken_samples_are_skipped_and_counted(broken_shards, make_builder, tok
 
 
 def test_unreadable_shard_is_counted_and_the_rest_streams(broken_shards, make_builder, tmp_path):
-    missing = tmp_path / "missing-000000.tar"
+    garbage = tmp_path / "garbage-000000.tar"
+    garbage.write_bytes(b"not a tar archive at all " * 100)
     stream = ShardStream(
-        [str(missing), str(broken_shards.whole)], make_builder("conversations"), batch_size=8, pad_id=0
+        [str(garbage), str(broken_shards.whole)], make_builder("conversations"), batch_size=8, pad_id=0
     )
     batches = list(stream)
     assert sum(b["input_ids"].shape[0] for b in batches) == 3
     assert total_skips(batches) == {"bad_shard": 1}  # not in sizes.json: its samples are unknown
 
 
-def test_unreadable_shard_listed_in_sizes_counts_its_samples_missing(broken_shards, make_builder):
-    missing = broken_shards.dir / "lost-000000.tar"
+def test_missing_shard_stops_start_up(broken_shards, make_builder, tmp_path):
+    missing = tmp_path / "missing-000000.tar"
+    with pytest.raises(FileNotFoundError) as info:
+        ShardStream([str(broken_shards.whole), str(missing)], make_builder("conversations"), batch_size=8, pad_id=0)
+    assert str(info.value) == f"shards: {missing} does not exist; 1 of the 2 shards are missing"
+
+
+def test_shard_vanished_after_start_up_counts_its_samples_missing(broken_shards, make_builder):
+    lost = broken_shards.dir / "lost-000000.tar"
+    lost.write_bytes(broken_shards.whole.read_bytes())
     (broken_shards.dir / "sizes.json").write_text(json.dumps(broken_shards.sizes | {"lost-000000.tar": 4}))
-    stream = ShardStream([str(missing), str(broken_shards.whole)], make_builder("conversations"), 8, 0)
+    stream = ShardStream([str(lost), str(broken_shards.whole)], make_builder("conversations"), 8, 0)
+    lost.unlink()  # deleted (or its disk gone) once the run has started
     batches = list(stream)
     assert sum(b["input_ids"].shape[0] for b in batches) == 3
     assert total_skips(batches) == {"bad_shard": 1, "missing_in_shard": 4}
@@ -572,9 +582,10 @@ def test_a_reader_with_no_usable_sample_still_reports_its_skips(broken_shards, m
 
 
 def test_a_shard_error_is_reported_once_over_evaluation_workers(broken_shards, make_builder, tmp_path):
-    missing = tmp_path / "missing-000000.tar"
+    garbage = tmp_path / "garbage-000000.tar"
+    garbage.write_bytes(b"not a tar archive at all " * 100)
     stream = ShardStream(
-        [str(missing), str(broken_shards.whole)], make_builder("conversations"), batch_size=1, pad_id=0
+        [str(garbage), str(broken_shards.whole)], make_builder("conversations"), batch_size=1, pad_id=0
     )
     loader = DataLoader(stream, batch_size=None, num_workers=2, multiprocessing_context="fork")
     batches = list(loader)

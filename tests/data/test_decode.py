@@ -137,18 +137,18 @@ def test_truncated_jpeg_is_bad_image(jpeg_bytes):
 
 
 @pytest.mark.parametrize(
-    ("data", "message"),
+    ("data", "reason", "message"),
     [
-        (b'{"conversations": [', "JSON does not parse"),
-        (b"\xff\xfe{}", "JSON does not parse"),
-        (b"[1, 2]", "the JSON member is not an object"),
-        (b'"text"', "the JSON member is not an object"),
+        (b'{"conversations": [', "bad_json", "JSON does not parse"),
+        (b"\xff\xfe{}", "bad_json", "JSON does not parse"),
+        (b"[1, 2]", "not_an_object", "a record must be a JSON object, got list"),
+        (b'"text"', "not_an_object", "a record must be a JSON object, got str"),
     ],
 )
-def test_broken_json_is_bad_json(data, message, jpeg_bytes):
+def test_broken_json_is_bad_json(data, reason, message, jpeg_bytes):
     with pytest.raises(SampleError) as info:
         decode_sample({"jpg": jpeg_bytes(), "json": data})
-    assert info.value.reason == "bad_json"
+    assert info.value.reason == reason  # JSON that is not a record: the writer's reason too
     assert message in str(info.value)
 
 

@@ -159,8 +159,8 @@ def test_bad_records_are_skipped_by_reason(tmp_path, llava):
         "bad_image_path": 2,
         "empty_conversation": 2,
         "image_tag_mismatch": 3,
+        "missing_field": 1,  # no conversations: the stream's reason for the same fault
         "missing_image": 1,
-        "no_conversations": 1,
         "not_an_object": 1,
     }
     assert (summary["samples"], summary["images"]) == (1, 1)
@@ -329,7 +329,7 @@ def test_inspect_reports_counts_and_token_lengths(tmp_path, llava, tokenizer):
     ]
     assert lines[9] == f"sample 000000033471 ({out}/train-000000.tar):"
     rendered = lines[10]
-    assert rendered.startswith("<s> A chat between a curious human")
+    assert rendered.startswith("<s> A chat between a curious user")
     assert rendered.endswith(
         "USER : <image> What colour is the circle ? ASSISTANT : [[It is red . </s>]] "
         "USER : How many objects are there ? ASSISTANT : [[There is one . </s>]]"
@@ -372,7 +372,8 @@ def test_pickle_members_are_never_unpickled(tmp_path, tokenizer, jpeg_bytes):
     assert not marker.exists()
     assert dict(report["unsafe"]) == {"pyd": 1, "pth": 1, "pkl": 1}
     assert "unsafe members, never decoded: pkl 1, pth 1, pyd 1" in format_report(report).splitlines()
-    assert dict(report["unencodable"]) == {"image_tag_mismatch": 1}  # y has a tag but no image
+    assert dict(report["corrupt"]) == {"missing_image": 1}  # y has a tag but no image: checked without a view
+    assert dict(report["unencodable"]) == {}
     for raw in read_back(shard):
         decode_sample(raw)
     assert not marker.exists()

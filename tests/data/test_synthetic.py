@@ -14,7 +14,6 @@ from src.data.conversation import (
     OPTION_LETTERS,
     multiple_choice_answer,
     multiple_choice_prompt,
-    parse_choice,
 )
 from src.data.synthetic import (
     COLOURS,
@@ -30,6 +29,7 @@ from src.data.synthetic import (
     relation,
     sample_scene,
 )
+from src.eval.answers import read_choice
 
 SPEC = SceneSpec()
 
@@ -142,7 +142,7 @@ def test_conversations_open_with_the_image():
             fmt = next(f for f, instruction in MC_FORMATS.items() if instruction == lines[5])
             assert fmt == DEMO_MC_FORMAT
             # the demo's format replies with the option's text, which names no letter
-            assert parse_choice(gpt["value"], 4) is None, gpt["value"]
+            assert read_choice(gpt["value"], 4, "official") is None, gpt["value"]
             assert gpt["value"] in options, gpt["value"]
             assert gpt["value"] == multiple_choice_answer(options, options.index(gpt["value"]), fmt)
             # and it is the right answer for the scene
