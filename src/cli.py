@@ -10,18 +10,28 @@ exit code 2, not a traceback from deep inside a build.
 
 A run that fails leaves no empty `version_N` folder behind: the logger's folder is
 removed when it holds nothing but the saved config (no checkpoint, no logged value).
+
+Resuming (`src/training/resume.py`): `--ckpt_path last` is resolved here, before the Trainer runs,
+to the newest checkpoint of the run's home that loads (all `version_N/checkpoints/`, a fixed
+`ModelCheckpoint.dirpath`, SLURM's `hpc_ckpt_*.ckpt`); nothing found is an error (exit 2) that says
+where it looked. `--ckpt_path auto` is the same, but starts a new run when there is nothing. A `fit`
+that resumes from a checkpoint in a `version_N/checkpoints/` folder logs into that same `version_N`,
+so the run keeps one folder and one continuous TensorBoard curve. Every `fit` gets `StopOnSignal`:
+SIGTERM / SIGINT save a checkpoint at the end of the step and exit 0.
 """
 
 from __future__ import annotations
 
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from src.data.datamodule import LlavaDataModule
 from src.model.language import ATTENTION_BACKENDS, DTYPES, QUANTIZATIONS
@@ -35,6 +45,19 @@ from src.model.weights import (
     read_checkpoint,
 )
 from src.training.module import LlavaLitModule
+from src.training.resume import (
+    RESUME_FROM_NEWEST,
+    RESUME_IF_ANY,
+    NoCheckpoint,
+    StopOnSignal,
+    checkpoint_folders,
+    describe_search,
+    expand_folders,
+    find_resume_checkpoint,
+    keep_logger_version,
+    log_root,
+    version_of,
+)
 
 KEPT_WITHOUT_DATA = {"config.yaml", "hparams.yaml"}  # what a run writes before it has done anything
 
@@ -74,9 +97,16 @@ def check_component_names(model: dict) -> None:
             _choose(f"model.llm.{field}", llm[field], known)
 
 
-def check_ckpt_path(ckpt_path: str | None) -> None:
+def check_ckpt_path(ckpt_path: str | None, subcommand: str | None = "fit") -> None:
     """A local `--ckpt_path` must be a kit checkpoint; Lightning's own names and URLs are left to it."""
-    if not ckpt_path or ckpt_path in SPECIAL_CKPT_PATHS or ckpt_path.startswith("registry") or "://" in ckpt_path:
+    if ckpt_path == RESUME_IF_ANY and subcommand != "fit":
+        raise ValueError(f"--ckpt_path {RESUME_IF_ANY} is for fit (resume if there is a checkpoint); name a file")
+    if (
+        not ckpt_path
+        or ckpt_path in (*SPECIAL_CKPT_PATHS, RESUME_IF_ANY)
+        or ckpt_path.startswith("registry")
+        or "://" in ckpt_path
+    ):
         return
     if not Path(ckpt_path).exists():
         raise FileNotFoundError(f"--ckpt_path: no such file {ckpt_path}")
@@ -140,7 +170,7 @@ class KitCLI(LightningCLI):
         config = self.config[subcommand] if subcommand else self.config
         try:
             check_component_names(_plain(config.get("model")) or {})
-            check_ckpt_path(config.get("ckpt_path"))
+            check_ckpt_path(config.get("ckpt_path"), subcommand)
             init_from = (_plain(config.get("model")) or {}).get("init_from")
             if init_from:  # its format only: its tensors are read once, when the model is built
                 check_loadable(init_from, "model.init_from", STATE_OR_CHECKPOINT)
@@ -148,13 +178,79 @@ class KitCLI(LightningCLI):
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "fit" and not any(isinstance(cb, StopOnSignal) for cb in trainer.callbacks):
+            trainer.callbacks.append(StopOnSignal())
+        return trainer
+
     def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            resolve_ckpt_path(self.trainer, self.config_init[subcommand], subcommand)
+        except NoCheckpoint as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
         try:
             super()._run_subcommand(subcommand)
         except BaseException:
             for folder in remove_empty_run_folders(self.trainer):
                 print(f"removed {folder}: the run failed before it wrote anything", file=sys.stderr)
             raise
+
+
+@rank_zero_only
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def resolve_ckpt_path(trainer: Trainer, config: Any, subcommand: str) -> None:
+    """`--ckpt_path last` / `auto` to the run's newest valid checkpoint (in `config`, in place); and for a
+    `fit` that resumes from a checkpoint of a `version_N/checkpoints/` folder, that `version_N` kept as the
+    loggers' folder, so the resumed run writes its logs and checkpoints where the run it resumes did."""
+    ckpt_path = config.get("ckpt_path")
+    if ckpt_path in (RESUME_FROM_NEWEST, RESUME_IF_ANY):
+        resume = find_resume_checkpoint(trainer)
+        for path, why in resume.skipped:
+            _say(f"--ckpt_path {ckpt_path}: passed over {path}, which does not load: {why}")
+        if resume.path is None:
+            if ckpt_path == RESUME_FROM_NEWEST:
+                raise NoCheckpoint(
+                    f"--ckpt_path last: no checkpoint to resume from; {describe_search(resume)}. To start a new run, "
+                    "leave --ckpt_path out, or pass --ckpt_path auto (resume when there is a checkpoint, start "
+                    "fresh when there is none)"
+                )
+            _say(f"--ckpt_path auto: no checkpoint yet ({describe_search(resume)}): starting a new run")
+            config["ckpt_path"] = None
+            return
+        config["ckpt_path"] = str(resume.path)
+        version = resume.version
+        _say(f"--ckpt_path {ckpt_path}: resuming from {resume.path} (step {resume.step})")
+    elif subcommand == "fit" and ckpt_path and "://" not in str(ckpt_path) and ckpt_path not in SPECIAL_CKPT_PATHS:
+        version = version_of(Path(ckpt_path), log_root(trainer))
+    else:
+        if subcommand == "fit" and not ckpt_path:
+            _note_earlier_checkpoints(trainer)
+        return
+    if subcommand != "fit" or version is None:
+        return
+    left = keep_logger_version(trainer, version)
+    root = log_root(trainer)
+    _say(f"logging into {root / version if root else version}, the folder of the run it resumes")
+    if left:
+        _say(f"these loggers keep their own run names: {', '.join(left)}")
+    # it holds this run's earlier checkpoints, by design
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+
+def _note_earlier_checkpoints(trainer: Trainer) -> None:
+    """A new run where checkpoints already are: one line, so a forgotten `--ckpt_path last` is noticed."""
+    found = [p for folder in expand_folders(checkpoint_folders(trainer)) for p in folder.glob("*.ckpt")]
+    if found:
+        newest = max(found, key=lambda p: p.stat().st_mtime)
+        _say(
+            f"note: starting a new run from step 0, though {newest.parent} holds checkpoints of an earlier one "
+            f"(newest {newest.name}); to resume that run, pass --ckpt_path last"
+        )
 
 
 def main(args: list[str] | None = None) -> LightningCLI:

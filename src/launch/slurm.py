@@ -14,9 +14,12 @@ folder (the Trainer's `default_root_dir`) as `slurm-<jobid>.out`; the script is 
 Time limits and preemption: SLURM sends SIGUSR1 `signal_seconds` before the limit. `SlurmRequeue`
 (added to every run the script starts) notes it, and at the end of the next optimizer step, on every
 rank at once, saves `hpc_ckpt_N.ckpt` in the run folder (Lightning's HPC checkpoint), runs `scontrol
-requeue` and stops. The requeued job (same job id, same script) resumes from that checkpoint,
-weights, optimizer, counters and the data stream's position (`LlavaDataModule.state_dict`) alike,
-exactly as `--ckpt_path` resumes a run. See docs/slurm.md.
+requeue` and stops. The requeued job (same job id, same script) resumes with `--ckpt_path=last`, the
+run's newest checkpoint that loads (that one, or a newer periodic one), weights, optimizer, counters
+and the data stream's position (`LlavaDataModule.state_dict`) alike, and logs into the same
+`version_<job id>` folder. A job requeued without the signal (node failure, preemption, `scontrol
+requeue`: SIGTERM, on which `StopOnSignal` saves at the end of the step) resumes the same way; with no
+checkpoint at all it fails with the places searched rather than starting over. See docs/slurm.md.
 
 The API (used by `src.launch.sweep`): `SlurmSettings`, `load_settings`, `render`, `submit`,
 `trainer_shape`.
@@ -251,8 +254,10 @@ def render(
     requeued job's output follows the first one's in the same file), sets the working directory to
     the current one, runs `setup` in order, prints a header line per start (job id, restart count),
     then `srun`. For `src.cli fit`, `SlurmRequeue` is added to the run, and a requeued job (restart
-    count > 0) resumes with `--ckpt_path=hpc` when `run_dir` holds an HPC checkpoint, else with
-    `--ckpt_path=last` (preempted or its node failed before any signal); for an array, Lightning's
+    count > 0) resumes with `--ckpt_path=last`: the run's newest checkpoint that loads, whether the one
+    written on the signal (`hpc_ckpt_N.ckpt`), a periodic one or one saved on SIGTERM (preempted, node
+    failure, `scontrol requeue`); no checkpoint at all stops the job with an error saying where the CLI
+    looked, instead of training again from step 0 (src/training/resume.py); for an array, Lightning's
     own rule applies (the HPC checkpoint in each task's `default_root_dir`, if there is one).
     """
     if isinstance(ntasks_per_node, bool) or not isinstance(ntasks_per_node, int) or ntasks_per_node < 1:
@@ -310,13 +315,11 @@ def render(
     if is_fit:
         srun += [_shell_arg(a) for a in REQUEUE_ARGS]
         if array is None:
-            hpc = "'" + f"{run_dir}/hpc_ckpt_*".replace("'", "'\\''") + "'"  # quoted: compgen globs it
             lines += [
-                "# requeued: resume from the checkpoint written on the signal, or else from last.ckpt",
+                "# requeued: resume from the run's newest checkpoint that loads (the one written on the signal, or",
+                "# the newest periodic or SIGTERM one); none is an error, never a silent start from step 0",
                 "RESUME=()",
-                'if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then',
-                f"  if compgen -G {hpc} > /dev/null; then RESUME=(--ckpt_path=hpc); else RESUME=(--ckpt_path=last); fi",
-                "fi",
+                'if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then RESUME=(--ckpt_path=last); fi',
             ]
             srun.append('"${RESUME[@]}"')
     lines.append(" ".join(srun))

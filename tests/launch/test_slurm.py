@@ -1,7 +1,8 @@
 """The SLURM launcher: settings, the script, the Trainer's shape, the CLI (fast); and, on a real one-node
-cluster started by `slurm_cluster` (conftest.py), a 2-rank DDP job of the demo config that completes, and
-one that is sent SIGUSR1 mid-run, checkpoints, requeues itself and finishes exactly as the uninterrupted
-run does (slow)."""
+cluster started by `slurm_cluster` (conftest.py), a 2-rank DDP job of the demo config that completes, one
+that is sent SIGUSR1 mid-run, checkpoints, requeues itself and finishes exactly as the uninterrupted run
+does, and one requeued without that signal (`scontrol requeue`, as a node failure or preemption), which
+resumes from the run's newest checkpoint with `--ckpt_path=last` in the same run folder (slow)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -213,11 +215,11 @@ def test_the_script_runs_setup_in_order_then_srun_and_resumes_when_requeued(tmp_
     srun = ["--kill-on-bad-exit=1", "--cpus-per-task=3", "python", "-m", "src.cli", "fit", "--config", "it's.yaml",
             "--trainer.callbacks+=src.launch.slurm.SlurmRequeue"]  # fmt: skip
     assert out[3:] == srun  # a first start: no --ckpt_path
-    # requeued without a checkpoint written on the signal (preempted, node failure): from last.ckpt
+    # requeued, with or without a checkpoint written on the signal (preempted, node failure): the run's
+    # newest valid checkpoint, which the CLI finds (an HPC one competes by its step)
     assert _run_script(tmp_path, script, SLURM_JOB_ID="7", SLURM_RESTART_COUNT="1")[3:] == [*srun, "--ckpt_path=last"]
     (run / "hpc_ckpt_1.ckpt").write_text("")
-    (run / "hpc_ckpt_2.ckpt").write_text("")
-    assert _run_script(tmp_path, script, SLURM_JOB_ID="7", SLURM_RESTART_COUNT="2")[3:] == [*srun, "--ckpt_path=hpc"]
+    assert _run_script(tmp_path, script, SLURM_JOB_ID="7", SLURM_RESTART_COUNT="2")[3:] == [*srun, "--ckpt_path=last"]
 
 
 def test_the_array_script_expands_the_task_id(tmp_path: Path) -> None:
@@ -573,3 +575,45 @@ def test_sigusr1_checkpoints_requeues_and_the_job_resumes_to_max_steps(slurm_clu
     losses = _losses(run)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert losses == _losses(straight_run[0])
+
+
+@pytest.mark.slow
+def test_a_job_requeued_without_its_signal_checkpoint_resumes_from_the_runs_newest_one(
+    slurm_cluster, straight_run, tmp_path
+) -> None:
+    run = tmp_path / "run"
+    job = _launch(slurm_cluster, tmp_path, run, delay=0.4)
+    version = run / "lightning_logs" / f"version_{job}"
+    last = version / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists():  # written at the first validation (step 6)
+        state = slurm_cluster.job(job)["JobState"]
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {job} is {state} before the requeue"
+        assert time.monotonic() < deadline, "the job wrote no last.ckpt in 300 s"
+        time.sleep(0.2)
+    # as a node failure or a preemption would: the job is stopped (SIGTERM, SIGKILL KillWait later) and
+    # queued again, with no SIGUSR1 and so no hpc_ckpt_N.ckpt
+    slurm_cluster.run(["scontrol", "requeue", job])
+    info = slurm_cluster.wait(job)
+    log = _log(run, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log[-6000:]}"
+    assert info["Restarts"] == "1", info
+    assert not list(run.glob("hpc_ckpt_*"))
+
+    # the second start resumed with --ckpt_path=last from the first start's folder, and logged into it
+    first, _, second = log.partition(f"== SLURM job {job} restart 1")
+    assert f"== SLURM job {job} restart 0" in first and second, log[-6000:]
+    resumed = re.search(r"--ckpt_path last: resuming from (\S+) \(step (\d+)\)", second)
+    assert resumed, second[-6000:]
+    assert Path(resumed.group(1)).parent == version / "checkpoints"
+    assert 6 <= int(resumed.group(2)) < STEPS
+    assert f"Restoring states from the checkpoint path at {resumed.group(1)}" in second, second[-6000:]
+    assert sorted(p.name for p in (run / "lightning_logs").iterdir()) == [version.name]
+    assert _global_step(last) == STEPS
+
+    # every step trained (those after the checkpoint maybe twice), each as in the uninterrupted job
+    rows = [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
+    reference = _losses(straight_run[0])
+    assert {row["step"] for row in rows} == set(range(1, STEPS + 1))
+    differ = [row for row in rows if row["loss"] != reference[row["step"]]]
+    assert not differ, f"steps whose loss differs from the uninterrupted job's: {differ}"
