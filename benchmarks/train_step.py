@@ -13,8 +13,9 @@ same steps of samples, in the same process, one step each in turn after warm-up.
   one device: random samples of one modality per step.
 - ours: the kit's code path (`LlavaLitModule.forward` -> `LlavaModel`, its
   `configure_optimizers`) with its best settings: the step's samples packed into rows
-  (`batching.pack` + `collate_packed`, per-example attention; rows of `max_length` with
-  FlashAttention, rows of the step's longest sample with SDPA), logits and cross-entropy
+  (`batching.pack` + `collate_packed`, per-example attention, rows of `max_length` as
+  `data.batching: pack` makes them; SDPA attends example by example, `sdpa_by_example`),
+  logits and cross-entropy
   only at supervised positions, a chunk at a time (`src.model.loss`), the frozen tower run
   without autograd (stored in bf16 in bf16 runs), fused AdamW, FlashAttention when
   installed (else SDPA); torch.compile of the decoder layers is a variant (`--variants
@@ -222,7 +223,23 @@ def collate_ours(samples: list[Example], pad_id: int, max_length: int, batching:
     if batching == "pack-fit":
         max_length = max(int(s.input_ids.shape[0]) for s in samples)
     (rows,) = pack(samples, max_length, rows_per_batch=len(samples), rng=random.Random(0))
-    return collate_packed(rows, pad_id)
+    batch = collate_packed(rows, pad_id)
+    return pad_packed_to(batch, max_length, pad_id) if batching == "pack-full" else batch
+
+
+def pad_packed_to(batch: dict, width: int, pad_id: int) -> dict:
+    """A packed batch with every row `width` long: the added tail is one more segment (positions restart
+    at 0, labels -100), so the examples' math is unchanged. One shape for every step: a compiled kernel
+    (FlexAttention, compiled per shape by transformers) is compiled once."""
+    extra = width - batch["input_ids"].shape[1]
+    if extra <= 0:
+        return batch
+    rows = batch["input_ids"].shape[0]
+    return batch | {
+        "input_ids": F.pad(batch["input_ids"], (0, extra), value=pad_id),
+        "labels": F.pad(batch["labels"], (0, extra), value=IGNORE_INDEX),
+        "position_ids": torch.cat([batch["position_ids"], torch.arange(extra).expand(rows, extra)], 1),
+    }
 
 
 # ---- models -------------------------------------------------------------------------------
@@ -293,10 +310,14 @@ class Variant:
     tower_bf16: bool = False
     compile_blocks: bool = False
     changes_math: bool = field(default=False)  # bf16 tower in a float32 run: compared at bf16 tolerance
+    attention: str | None = None  # an attn_implementation other than the base module's (flex_attention)
+    kind: str = "ours"  # ours (the kit's model), or hf-liger (transformers' Llava, packed, Liger's fused loss)
 
     def describe(self) -> str:
+        if self.kind == "hf-liger":
+            return f"transformers LlavaForConditionalGeneration, {self.batching}, Liger fused linear CE, AdamW"
         return (
-            f"{self.batching}, logits {self.logits}, "
+            f"{self.batching}{f', {self.attention}' if self.attention else ''}, logits {self.logits}, "
             f"{'fused' if self.fused_adamw else 'for-loop/foreach'} AdamW, tower "
             f"{'bf16' if self.tower_bf16 else 'as model'}{', compiled blocks' if self.compile_blocks else ''}"
         )
@@ -335,6 +356,8 @@ def make_ours(base_module, variant: Variant, total_steps: int):
     if variant.compile_blocks:
         for layer in model.llm.get_decoder().layers:
             layer.compile(dynamic=True)
+    if variant.attention:
+        model.llm.set_attn_implementation(variant.attention)
     module.optimizer_config = replace(module.optimizer_config, fused=variant.fused_adamw)
     module.trainer = SimpleNamespace(estimated_stepping_batches=total_steps)  # all configure_optimizers reads
     config = module.configure_optimizers()
@@ -349,7 +372,10 @@ def make_baseline(base_module, total_steps: int):
 
     hf = copy.deepcopy(to_transformers(base_module.model, base_module.image_token_id, len(base_module.tokenizer)))
     # LLaVA trains with flash_attention_2 when it is installed (train_mem.py): the same backend as ours
+    from src.model.language import SDPA_BY_EXAMPLE
+
     attention = base_module.model.llm.config._attn_implementation
+    attention = "sdpa" if attention == SDPA_BY_EXAMPLE else attention  # transformers' own SDPA
     hf.set_attn_implementation({"text_config": attention, "vision_config": "sdpa", "": attention})
     hf.train()
     hf.model.vision_tower.requires_grad_(False)
@@ -361,6 +387,48 @@ def make_baseline(base_module, total_steps: int):
         optimizer, lambda step: warmup_cosine(step, warmup, total_steps, cfg.min_lr_ratio)
     )
     return hf, optimizer, schedule
+
+
+def liger_unavailable() -> str | None:
+    """Why the Liger configuration cannot run here, or None."""
+    if not torch.cuda.is_available():
+        return "Liger's kernels are Triton kernels: they need a CUDA GPU"
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # noqa: F401
+    except ImportError as error:
+        return f"liger_kernel does not import ({error}); carry its wheel (pip download liger-kernel)"
+    return None
+
+
+def liger_side(base_module, total_steps: int, batches: list[dict], device, dtype: str) -> Side:
+    """The strongest setup a LLaMA-Factory / lmms-engine user would pick on transformers' Llava:
+    padding-free packing (`position_ids` restarting per example, no mask: transformers' own
+    per-example masks) and Liger's fused linear cross-entropy (logits never materialised whole),
+    with the baseline's AdamW, on the same weights and samples."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    hf, optimizer, schedule = make_baseline(base_module, total_steps)
+    fused_loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    projector = list(hf.model.multi_modal_projector.parameters())
+
+    def step(batch: dict) -> torch.Tensor:
+        with _autocast(device, dtype):
+            hidden = hf.model(
+                input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=None,
+                position_ids=batch["position_ids"], use_cache=False,
+            ).last_hidden_state  # fmt: skip
+            flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+            loss = fused_loss(hf.lm_head.weight.to(flat.dtype), flat, batch["labels"][:, 1:].reshape(-1))
+        loss.backward()
+        for p in projector:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return Side("transformers + packing + Liger", step, list(hf.parameters()), optimizer, batches, device, dtype)
 
 
 # ---- timing and memory ----------------------------------------------------------------------
@@ -524,28 +592,36 @@ def machine() -> dict:
     return info
 
 
-def variants(dtype: str, flash: bool) -> dict[str, Variant]:
+def variants(dtype: str) -> dict[str, Variant]:
     """Ours at its best for `dtype` and the attention backend, then ours with one trick left out (or one more
     tried) each, by key.
 
-    Packed rows: with FlashAttention (varlen: each example attends over itself only) rows of
-    `max_length`; with SDPA, which computes a whole row under a mask, rows as long as the step's
-    longest sample (measured on the CPU: 2,048-token rows were ~15% slower than padding there).
+    Packed rows of `max_length`, as `data.batching: pack` makes them: FlashAttention (varlen) and
+    the kit's SDPA (`sdpa_by_example`) attend within each example only, so a row's length costs
+    nothing in attention. (Under transformers' SDPA, which computes the whole row under the dense
+    mask, rows as long as the step's longest sample were better: `pack-max-dense`, `pack-fit`.)
     In bf16 the frozen tower is stored in bf16 (`frozen_dtype: bfloat16`), as everything
     computes in bf16 anyway; in a float32 run a bf16 tower changes the math, so it is only an
     ablation row, compared at bf16 tolerance.
     """
     bf16 = dtype == "bfloat16"
-    best = Variant(batching="pack" if flash else "pack-fit", tower_bf16=bf16)
+    best = Variant(batching="pack", tower_bf16=bf16)
     table = {
         "ours": best,
         "padded": replace(best, name="ours, padded (no packing)", batching="pad"),
         "pack-max": replace(best, name="ours, rows of max_length", batching="pack"),
         "pack-fit": replace(best, name="ours, rows of the longest sample", batching="pack-fit"),
+        # transformers' own SDPA on packed rows: the whole row under the dense block-diagonal mask
+        "pack-max-dense": replace(
+            best, name="ours, rows of max_length, dense mask", batching="pack", attention="sdpa"
+        ),  # fmt: skip
         "unchunked": replace(best, name="ours, logits unchunked", logits="supervised"),
         "full-logits": replace(best, name="ours, logits at every position", logits="full"),
         "unfused": replace(best, name="ours, unfused AdamW", fused_adamw=False),
         "compile": replace(best, name="ours + compiled decoder layers", compile_blocks=True),
+        # FlexAttention skips the blocks across examples; rows of max_length, one shape: compiled once
+        "flex": replace(best, name="ours + FlexAttention", batching="pack-full", attention="flex_attention"),
+        "liger": Variant(name="transformers + packing + Liger", batching=best.batching, kind="hf-liger"),
     }
     if bf16:
         table["tower-fp32"] = replace(best, name="ours, float32 frozen tower", tower_bf16=False)
@@ -580,9 +656,7 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
     steps = modality_batches(samples, preset.samples_per_step, rng)[:total]
     if len(steps) < total:
         raise RuntimeError(f"only {len(steps)} steps of samples for {total}")
-    from src.model.llava import uses_flash_attention
-
-    table = variants(preset.dtype, uses_flash_attention(base.model.llm.config))
+    table = variants(preset.dtype)
     if args.variants:
         keys = args.variants.split(",")
     else:
@@ -591,6 +665,10 @@ def prepare(args: argparse.Namespace) -> SimpleNamespace:
     unknown = sorted(set(keys) - set(table))
     if unknown:
         raise ValueError(f"unknown variants {unknown}; choose from {sorted(table)}")
+    if "flex" in keys and device.type != "cuda":
+        raise ValueError("variant flex needs a CUDA GPU: FlexAttention has no backward on a CPU")
+    if "liger" in keys and liger_unavailable():
+        raise ValueError(f"variant liger cannot run here: {liger_unavailable()}")
     return SimpleNamespace(
         preset=preset, device=device, total=total, base=base, image_tokens=image_tokens, steps=steps,
         pad_id=base.tokenizer.pad_token_id, keys=keys, table=table,
@@ -649,14 +727,17 @@ def run(args: argparse.Namespace) -> dict:
     counts = []
     from src.training.callbacks import BatchCounts, flops_model_of, peak_flops_of
 
+    attention = base.model.llm.config._attn_implementation
     for variant in chosen:
-        module, opt, sched = make_ours(base, variant, total)
         batches = [collate_ours(s, pad_id, preset.max_length, variant.batching) for s in steps]
         if not counts:
             packed = [collate_ours(s, pad_id, preset.max_length, "pack") for s in steps]
             counts = [BatchCounts.of(b) for b in packed]
+        if variant.kind == "hf-liger":
+            sides.append(liger_side(base, total, batches, device, preset.dtype))
+            continue
+        module, opt, sched = make_ours(base, variant, total)
         sides.append(ours_side(variant.name, module, opt, sched, batches, device, preset.dtype))
-        attention = module.model.llm.config._attn_implementation
     flops = flops_model_of(base)
     del base
     env.base = None  # every side has its own copy: the base's memory goes back before timing
@@ -799,8 +880,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--ablation", action="store_true", help="also time ours with each trick left out")
     parser.add_argument(
-        "--variants", help="comma-separated variants of ours to time (ours, padded, unchunked, full-logits, "
-        "unfused, compile, tower-bf16 in float32 / tower-fp32 in bf16); default: ours, or the ablation set"
+        "--variants", help="comma-separated variants of ours to time (ours, padded, pack-max, pack-fit, unchunked, "
+        "full-logits, unfused, compile, tower-bf16 in float32 / tower-fp32 in bf16; flex: FlexAttention, CUDA "
+        "only), or liger (transformers' Llava packed + Liger's fused linear CE, CUDA + liger_kernel); default: "
+        "ours, or the ablation set"
     )  # fmt: skip
     parser.add_argument("--peak-flops", type=float, help="peak FLOP/s of the device, for MFU (GPU: from the table)")
     parser.add_argument("--seed", type=int, default=0)

@@ -95,7 +95,7 @@ def test_ckpt_path_error_from_the_command_line_has_no_traceback(tmp_path: Path) 
          "model.vision.towers[1].type: unknown vision tower type 'siglip'; choose one of ['fused', 'hf', 'timm']"),
         ("--model.llm.dtype=bf16", "model.llm.dtype: unknown value 'bf16'; choose one of ['float32', 'bfloat16', 'float16']"),
         ("--model.llm.attn_implementation=flash",
-         "model.llm.attn_implementation: unknown value 'flash'; choose one of ['auto', 'flash_attention_2', 'sdpa', 'eager']"),
+         "model.llm.attn_implementation: unknown value 'flash'; choose one of ['auto', 'flash_attention_2', 'flex_attention', 'sdpa', 'eager']"),
         ("--model.llm.quantization=int4", "model.llm.quantization: unknown value 'int4'; choose one of ['none', '4bit', '8bit']"),
     ],
     ids=["projector", "tower", "fused_tower", "dtype", "attention", "quantization"],

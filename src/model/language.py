@@ -6,6 +6,21 @@ flash-attn is missing, which fails offline and runs unreviewed code online. So w
 for `flash_attention_2` when transformers' own check finds flash-attn usable, and `auto`
 means flash-attn when usable, else PyTorch SDPA (else eager, for models without SDPA).
 
+Packed (padding-free) batches work with every backend, each example attending only to
+itself: transformers builds the per-example causal mask from the restarting `position_ids`
+(`masking_utils.find_packed_sequence_indices`): a dense block-diagonal mask for `eager` (the
+row is computed whole, length squared whatever it holds), a FlexAttention `BlockMask` for
+`flex_attention` (blocks across examples are skipped; torch.compile'd by transformers, CUDA
+for training: FlexAttention has no backward on a CPU), and `LlavaModel` hands flash attention
+the examples' boundaries (varlen). `sdpa` is transformers' SDPA registered under the name
+`sdpa_by_example` with one addition: handed a packed row's example boundaries
+(`packed_segments`, which only `LlavaModel` passes), it runs SDPA once per example with
+`is_causal` instead of once per row under the dense block-diagonal mask, so a packed row
+costs the sum of its examples' squares, not the row's square. Everything else (padded
+batches, generation with a cache) is transformers' SDPA with transformers' masks, unchanged.
+`auto` never picks `flex_attention`: its compilation, and recompilation for each new row
+length, is only worth it where the GPU check measured it.
+
 The vocabulary is the tokenizer's: embeddings grow to cover it, rounded up to a multiple of
 64 rows (tensor-core friendly shapes). The extra rows, and any rows a hub model has beyond
 its tokenizer, are never produced by the data; a hook on the output head gives them the
@@ -20,6 +35,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import AddedToken
 from torch import nn
@@ -31,12 +47,15 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
 from transformers.utils import is_flash_attn_2_available
 
 from src.data.conversation import IMAGE_TAG
 from src.model.lora import LoraSettings
 
-ATTENTION_BACKENDS = ("auto", "flash_attention_2", "sdpa", "eager")
+ATTENTION_BACKENDS = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZATIONS = ("none", "4bit", "8bit")
 PAD_TO_MULTIPLE_OF = 64
@@ -50,7 +69,8 @@ class LLMConfig:
     config: dict = field(default_factory=dict)
     """Inline config for a randomly initialised model: `model_type` plus its fields."""
     attn_implementation: str = "auto"
-    """`auto` (flash_attention_2 if installed with CUDA, else sdpa), `flash_attention_2`, `sdpa` or `eager`."""
+    """`auto` (flash_attention_2 if installed with CUDA, else sdpa), `flash_attention_2`, `flex_attention`
+    (FlexAttention: packed rows skip the blocks across examples; training needs CUDA), `sdpa` or `eager`."""
     dtype: str = "float32"
     """Parameter dtype: float32, bfloat16 or float16."""
     trust_remote_code: bool = False
@@ -65,6 +85,73 @@ class LLMConfig:
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):  # from a checkpoint's hyperparameters
             self.lora = LoraSettings(**self.lora)
+
+
+SDPA_BY_EXAMPLE = "sdpa_by_example"
+"""The transformers attention name `sdpa` is built under: SDPA, one example at a time in packed rows."""
+
+Segments = list[list[tuple[int, int]]]
+
+
+def packed_segments(position_ids: torch.Tensor) -> Segments:
+    """Each row's (start, end) spans, one per example: a new one wherever positions do not go up by one.
+
+    The rule of transformers' `find_packed_sequence_indices`, so the spans are exactly the blocks
+    of the causal mask it would build; a padding tail that restarts at 0 is a span of its own.
+    One host sync per forward (transformers' flash path syncs once per layer for the same).
+    """
+    rows, length = position_ids.shape
+    breaks = (position_ids[:, 1:] != position_ids[:, :-1] + 1).nonzero().tolist()
+    starts: list[list[int]] = [[0] for _ in range(rows)]
+    for row, index in breaks:
+        starts[row].append(index + 1)
+    return [list(zip(row, row[1:] + [length], strict=True)) for row in starts]
+
+
+def sdpa_by_example(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    packed_segments: Segments | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA; given `packed_segments`, causal SDPA over each example of each row instead.
+
+    The dense block-diagonal mask computes every (query, key) pair of a row, length squared,
+    most of them masked; per example, SDPA gets `is_causal` (no mask at all), which its flash and
+    memory-efficient kernels (and the CPU's) run at half of an example's square. The result is
+    the same attention: the mask transformers built is exactly these blocks (`packed_segments`).
+    """
+    # a sliding window, soft-capping or attention sinks live in transformers' mask or kernel call: theirs
+    special = any(kwargs.get(name) is not None for name in ("sliding_window", "softcap", "s_aux"))
+    if packed_segments is None or special or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    return _attend_by_example(query, key, value, getattr(module, "num_key_value_groups", 1), dropout, scaling,
+                              packed_segments), None  # fmt: skip
+
+
+@torch.compiler.disable  # a graph break: compiled decoder layers are not recompiled for each packing layout
+def _attend_by_example(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, groups: int, dropout: float,
+    scaling: float | None, packed_segments: Segments,
+) -> torch.Tensor:  # fmt: skip
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+
+    def attend(row: int, start: int, end: int) -> torch.Tensor:
+        q, k, v = (t[row : row + 1, :, start:end] for t in (query, key, value))
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
+
+    rows = [torch.cat([attend(row, *span) for span in spans], dim=2) for row, spans in enumerate(packed_segments)]
+    return torch.cat(rows).transpose(1, 2).contiguous()
+
+
+AttentionInterface.register(SDPA_BY_EXAMPLE, sdpa_by_example)
+AttentionMaskInterface.register(SDPA_BY_EXAMPLE, sdpa_mask)  # transformers' SDPA masks everywhere else
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -133,6 +220,8 @@ def resolve_attention(requested: str, model_class: type | None = None) -> str:
             raise ValueError(f"{name} has no flash_attention_2 implementation of its own; use sdpa or auto")
     if requested == "sdpa" and not supports_sdpa:
         raise ValueError(f"{name} does not support sdpa attention; use eager or auto")
+    if requested == "flex_attention" and not getattr(model_class, "_supports_flex_attn", True):
+        raise ValueError(f"{name} does not support flex_attention; use sdpa or auto")
     return requested
 
 
@@ -277,6 +366,8 @@ def build_llm(config: LLMConfig, vocab_size: int) -> PreTrainedModel:
         )
     if model.config._attn_implementation != attention:  # e.g. remote code choosing on its own
         raise ValueError(f"asked for {attention} attention, the model set up {model.config._attn_implementation}")
+    if attention == "sdpa":
+        model.set_attn_implementation(SDPA_BY_EXAMPLE)
     if model.get_input_embeddings().num_embeddings < vocab_size:
         _grow_vocab(model, vocab_size)
     if model.get_output_embeddings().weight.shape[0] > vocab_size:

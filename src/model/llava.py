@@ -17,7 +17,7 @@ from torch import nn
 from src.data.conversation import IGNORE_INDEX
 from src.model.generation import Generated
 from src.model.generation import generate as generate_replies
-from src.model.language import lm_logits
+from src.model.language import SDPA_BY_EXAMPLE, lm_logits, packed_segments
 from src.model.loss import DEFAULT_CHUNK_SIZE, chunked_cross_entropy
 
 if TYPE_CHECKING:
@@ -151,21 +151,27 @@ class LlavaModel(nn.Module):
     ) -> LlavaOutput:
         """`position_ids` without an `attention_mask` is a packed batch (`src.data.batching`).
 
-        sdpa, eager and flex attention build a causal mask per example from the restarting
-        positions themselves; flash attention infers examples from positions only for a
-        single row, so for it the rows are run as one row, with the examples' boundaries
-        handed over (`flatten_packed`).
+        transformers builds a causal mask per example from the restarting positions themselves
+        (eager, flex, sdpa); sdpa (`sdpa_by_example`) is also handed each row's example spans, so
+        it attends within each example without computing the masked rest of the row; flash
+        attention infers examples from positions only for a single row, so for it the rows are
+        run as one row, with the examples' boundaries handed over (`flatten_packed`).
         """
         embeddings = self.embed(input_ids, pixel_values)
         decoder = self.llm.get_decoder()
-        if position_ids is not None and attention_mask is None and uses_flash_attention(decoder.config):
+        packed = position_ids is not None and attention_mask is None
+        if packed and uses_flash_attention(decoder.config):
             flat, flat_positions, varlen = flatten_packed(embeddings, position_ids)
             hidden = decoder(inputs_embeds=flat, position_ids=flat_positions, use_cache=False, **varlen)
             hidden = hidden.last_hidden_state.view(embeddings.shape[0], embeddings.shape[1], -1)
         else:
+            # sdpa runs a packed row example by example when handed the spans (`sdpa_by_example`)
+            by_example = packed and decoder.config._attn_implementation == SDPA_BY_EXAMPLE
+            spans = {"packed_segments": packed_segments(position_ids)} if by_example else {}
             hidden = decoder(
-                inputs_embeds=embeddings, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).last_hidden_state
+                inputs_embeds=embeddings, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                **spans,
+            ).last_hidden_state  # fmt: skip
         if labels is None:
             return LlavaOutput(None, hidden, 0)
         loss, count = self.supervised_loss(hidden, labels)

@@ -135,3 +135,31 @@ def test_the_bf16_path_of_the_gpu_preset_runs_and_reports_mfu(bench):
         seconds = sum(side["step_seconds"])
         expected = results["useful_tflops_per_step"] * 1e12 * results["timed_steps"] / seconds / 1e11
         assert side["mfu"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_rows_padded_to_full_width_keep_each_example_and_add_one_segment(bench):
+    """`pack-full` (the flex variant: one shape, compiled once): same examples, labels and positions, plus a tail."""
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    samples = bench.make_samples(6, image_tokens=16, image_size=4, image_token_id=511, max_length=256, seed=1,
+                                 text_scale=0.2)  # fmt: skip
+    packed = bench.collate_ours(samples, 0, 256, "pack")
+    full = bench.collate_ours(samples, 0, 256, "pack-full")
+    width = packed["input_ids"].shape[1]
+    assert full["input_ids"].shape == (packed["input_ids"].shape[0], 256) and width < 256
+    for key in ("input_ids", "labels", "position_ids"):
+        assert torch.equal(full[key][:, :width], packed[key])
+    assert (full["labels"][:, width:] == IGNORE_INDEX).all() and (full["input_ids"][:, width:] == 0).all()
+    segments = find_packed_sequence_indices(full["position_ids"])
+    # the added tail is a segment of its own: nothing real attends to it
+    assert (segments[:, width] == segments[:, width - 1] + 1).all()
+    assert full["seq_lens"] == packed["seq_lens"]
+
+
+def test_variants_that_need_a_gpu_say_so_on_a_cpu(bench):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    with pytest.raises(ValueError, match="variant flex needs a CUDA GPU: FlexAttention has no backward on a CPU"):
+        bench.main(["--preset", "tiny", "--variants", "ours,flex", "--memory-probe", "none"])
+    with pytest.raises(ValueError, match="variant liger cannot run here: Liger's kernels are Triton kernels"):
+        bench.main(["--preset", "tiny", "--variants", "liger", "--memory-probe", "none"])

@@ -248,7 +248,7 @@ def test_unknown_attention_is_an_error(name):
         build_llm(LLMConfig(config=TINY, attn_implementation=name), vocab_size=10)
     assert (
         str(info.value)
-        == f"unknown attn_implementation {name!r}; choose one of ['auto', 'flash_attention_2', 'sdpa', 'eager']"
+        == f"unknown attn_implementation {name!r}; choose one of ['auto', 'flash_attention_2', 'flex_attention', 'sdpa', 'eager']"
     )
 
 
@@ -277,6 +277,77 @@ def test_auto_attention_follows_what_the_model_supports(flash):
     assert resolve_attention("auto", ListsHubKernels) == "sdpa"
     with pytest.raises(ValueError, match="ListsHubKernels has no flash_attention_2 implementation of its own"):
         resolve_attention("flash_attention_2", ListsHubKernels)
+
+
+def test_flex_attention_is_asked_for_by_name_only(flash):
+    flash(installed=True, cuda=True)
+    assert resolve_attention("flex_attention") == "flex_attention"
+    assert resolve_attention("auto") == "flash_attention_2"  # never flex on its own
+    model = build_llm(LLMConfig(config=TINY, attn_implementation="flex_attention"), vocab_size=10)
+    assert model.config._attn_implementation == "flex_attention"
+
+    class NoFlex:
+        _supports_flex_attn = False
+
+    with pytest.raises(ValueError, match="NoFlex does not support flex_attention; use sdpa or auto"):
+        resolve_attention("flex_attention", NoFlex)
+
+
+def test_packed_segments_are_the_blocks_transformers_finds():
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1], [0, 1, 2, 3, 4, 5, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7]])
+    spans = language.packed_segments(positions)
+    assert spans == [[(0, 3), (3, 5), (5, 6), (6, 8)], [(0, 6), (6, 8)], [(0, 8)]]
+    ids = find_packed_sequence_indices(positions)
+    for row, row_spans in enumerate(spans):
+        assert [int(ids[row, start]) for start, _ in row_spans] == list(range(len(row_spans)))
+        assert all(len(set(ids[row, a:b].tolist())) == 1 for a, b in row_spans)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])  # plain and grouped-query attention
+def test_sdpa_by_example_equals_sdpa_under_the_block_diagonal_mask(kv_heads):
+    """The per-example path against transformers' own SDPA with the mask transformers builds for the row."""
+    from transformers import LlamaConfig
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import create_causal_mask
+
+    g = torch.Generator().manual_seed(0)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1], [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]])
+    query = torch.randn(2, 4, 10, 8, generator=g, requires_grad=True)
+    key = torch.randn(2, kv_heads, 10, 8, generator=g, requires_grad=True)
+    value = torch.randn(2, kv_heads, 10, 8, generator=g, requires_grad=True)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 4 // kv_heads, True
+    config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=kv_heads)
+    config._attn_implementation = "sdpa"
+    mask = create_causal_mask(config, torch.zeros(2, 10, 32), None, None, position_ids=positions)
+    assert mask is not None and not mask.all()  # a real block-diagonal mask
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    got, _ = language.sdpa_by_example(
+        module, query, key, value, mask, scaling=0.3, packed_segments=language.packed_segments(positions)
+    )
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    grads = torch.autograd.grad(got.square().sum(), (query, key, value))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (query, key, value))
+    for a, b in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # without the spans it is transformers' SDPA itself; with one span per row, examples would mix
+    same, _ = language.sdpa_by_example(module, query, key, value, mask, scaling=0.3)
+    assert torch.equal(same, expected)
+    mixed, _ = language.sdpa_by_example(module, query, key, value, mask, scaling=0.3, packed_segments=[[(0, 10)]] * 2)
+    assert (mixed - expected).abs().max() > 1e-2
+    # a sliding window is in transformers' mask, not in the spans: its SDPA runs with that mask
+    windowed, _ = language.sdpa_by_example(
+        module, query, key, value, mask, scaling=0.3, packed_segments=[[(0, 10)]] * 2, sliding_window=3
+    )
+    assert torch.equal(windowed, expected)
+
+
+def test_sdpa_is_built_as_sdpa_by_example(flash):
+    flash(installed=False, cuda=False)
+    model = build_llm(LLMConfig(config=TINY, attn_implementation="sdpa"), vocab_size=10)
+    assert model.config._attn_implementation == language.SDPA_BY_EXAMPLE == "sdpa_by_example"
 
 
 def test_the_chosen_backend_is_logged(caplog, flash):

@@ -13,7 +13,7 @@ from src.data.batching import collate_packed
 from src.data.conversation import IGNORE_INDEX
 from src.data.datamodule import collate
 from src.data.samples import Example
-from src.model.language import lm_logits, padded_vocab
+from src.model.language import SDPA_BY_EXAMPLE, lm_logits, padded_vocab
 from src.model.llava import LlavaModel, flatten_packed, uses_flash_attention
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -342,9 +342,37 @@ PACKED_ROWS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def flex_without_compile(patch: pytest.MonkeyPatch) -> None:
+    """FlexAttention as PyTorch defines it, uncompiled, with transformers' own BlockMask and mask functions.
+
+    On a CPU the compiled kernel has no backward (torch raises "FlexAttention does not support
+    backward on CPU") and compiling its forward takes about a minute here. Uncompiled,
+    `flex_attention` evaluates the same `mask_mod` and `BlockMask` that transformers builds from
+    the packed positions, in plain PyTorch with autograd: what these tests check is the mask and
+    the backend's wiring; the compiled kernel is checked on a GPU by `benchmarks/gpu_check.py`.
+    """
+    import torch.nn.attention.flex_attention as flex
+    import transformers.integrations.flex_attention as hf_flex
+    import transformers.masking_utils as masking
+
+    real_block_mask = masking.create_block_mask
+    patch.setattr(flex, "_validate_device", lambda *tensors: None)
+    patch.setattr(hf_flex.WrappedFlexAttention, "__call__", lambda self: flex.flex_attention)
+    patch.setattr(masking, "create_block_mask", lambda *a, **k: real_block_mask(*a, **(k | {"_compile": False})))
+
+
+BACKENDS = ["sdpa", "eager", "flex_attention"]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
 def backend_model(request) -> LlavaModel:
-    return build_model(request.param)
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "flex_attention" and not torch.cuda.is_available():
+            flex_without_compile(patch)
+        model = build_model(request.param)
+        expected = SDPA_BY_EXAMPLE if request.param == "sdpa" else request.param
+        assert model.llm.config._attn_implementation == expected
+        yield model
 
 
 def test_packed_loss_equals_padded_loss(backend_model):
@@ -383,6 +411,94 @@ def test_packed_logits_equal_each_example_alone(backend_model):
                     rtol=0,
                 )
                 start += n
+
+
+def test_packed_gradients_equal_padded_gradients(backend_model):
+    """Training on a packed batch is training on the examples apart: same loss, same gradient everywhere."""
+    packed = collate_packed(PACKED_ROWS, PAD)
+    padded_batch = collate([e for row in PACKED_ROWS for e in row], PAD)
+    backend_model.vision.requires_grad_(True)  # gradients through the tower's path too
+    try:
+        gradients = []
+        for batch, mask, positions in (
+            (packed, None, packed["position_ids"]),
+            (padded_batch, padded_batch["attention_mask"], None),
+        ):
+            backend_model.zero_grad(set_to_none=True)
+            out = backend_model(
+                batch["input_ids"], mask, batch["pixel_values"], batch["labels"], position_ids=positions
+            )
+            out.loss.backward()
+            gradients.append((out.loss.item(), {n: p.grad.clone() for n, p in backend_model.named_parameters()}))
+    finally:
+        backend_model.zero_grad(set_to_none=True)
+        backend_model.vision.requires_grad_(False)
+    (packed_loss, packed_grads), (padded_loss, padded_grads) = gradients
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-6)
+    assert packed_grads.keys() == padded_grads.keys() and len(packed_grads) > 20
+    for name, grad in packed_grads.items():
+        torch.testing.assert_close(grad, padded_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+    assert any(g.abs().max() > 1e-3 for n, g in packed_grads.items() if n.startswith("vision"))
+
+
+def test_sdpa_is_handed_each_rows_example_spans(model, monkeypatch):
+    """The kit's sdpa gets the packed rows' spans, so it never computes attention across examples."""
+    from transformers.modeling_utils import AttentionInterface
+
+    from src.model import language
+
+    seen = []
+
+    def spy(module, query, key, value, attention_mask, *args, **kwargs):
+        seen.append(kwargs.get("packed_segments"))
+        return language.sdpa_by_example(module, query, key, value, attention_mask, *args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, SDPA_BY_EXAMPLE, spy)
+    packed = collate_packed(PACKED_ROWS, PAD)
+    with torch.no_grad():
+        model(packed["input_ids"], None, packed["pixel_values"], position_ids=packed["position_ids"])
+    assert seen == [[[(0, 14), (14, 21), (21, 25)], [(0, 9), (9, 14), (14, 25)], [(0, 6), (6, 25)]]] * 2
+    seen.clear()
+    padded_batch = collate([e for row in PACKED_ROWS for e in row], PAD)
+    with torch.no_grad():
+        model(padded_batch["input_ids"], padded_batch["attention_mask"], padded_batch["pixel_values"])
+    assert seen == [None, None]  # padded batches: transformers' SDPA as it is
+
+
+def test_flex_block_mask_is_the_block_diagonal_causal_mask_and_skips_blocks_across_examples(monkeypatch):
+    """transformers' FlexAttention mask for packed positions, against its SDPA mask and by block.
+
+    Two examples of 128 tokens (FlexAttention's block size) and one of 100 plus a padding tail:
+    every (query, key) pair is allowed exactly where SDPA's dense mask allows it, and the
+    blocks of one example's queries against another's keys are absent from the BlockMask,
+    so the kernel never computes them (the reason flex beats a dense mask on packed rows).
+    """
+    from transformers import LlamaConfig
+    from transformers.masking_utils import create_causal_mask
+
+    flex_without_compile(monkeypatch)
+    lengths = [[128, 128], [100, 156]]
+    positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    embeds = torch.zeros(2, 256, 8)
+
+    def mask_for(backend: str):
+        config = LlamaConfig(hidden_size=8, num_attention_heads=1, num_hidden_layers=1)
+        config._attn_implementation = backend
+        return create_causal_mask(config, embeds, None, None, position_ids=positions)
+
+    dense = mask_for("sdpa")
+    block = mask_for("flex_attention")
+    q = torch.arange(256)
+    rows = torch.arange(2)[:, None, None, None]
+    allowed = block.mask_mod(rows, torch.zeros_like(rows), q[None, None, :, None], q[None, None, None, :])
+    assert dense.shape == (2, 1, 256, 256) and dense.dtype == torch.bool
+    assert torch.equal(allowed.expand_as(dense), dense)
+    doc = torch.tensor([[0] * 128 + [1] * 128, [0] * 100 + [1] * 156])
+    expected = (doc[:, :, None] == doc[:, None, :]) & (q[:, None] >= q[None, :])
+    assert torch.equal(dense[:, 0], expected)
+    # blocks of 128x128: row 0 has no block of example 1's queries on example 0's keys
+    assert block.to_dense()[0, 0].tolist() == [[1, 0], [0, 1]]
+    assert block.to_dense()[1, 0].tolist() == [[1, 0], [1, 1]]  # the second example starts inside block 0
 
 
 def test_without_position_ids_packed_examples_would_see_each_other(model):
