@@ -1,5 +1,6 @@
 """Sweeps: one YAML spec -> many runs, each in its own folder; run them here or as one SLURM job array;
-collect their TensorBoard scalars into a table and a plot.
+collect their TensorBoard scalars and benchmark reports into tables (95% confidence intervals over seeds,
+differences beyond the seed noise) and plots.
 
     python -m src.launch.sweep plan experiments/sweeps/demo_projectors.yaml
     python -m src.launch.sweep run experiments/sweeps/demo_projectors.yaml --local
@@ -698,6 +699,96 @@ def run_slurm(
     return results
 
 
+# ---- statistics over seeds (no scipy: the t distribution from the incomplete beta function) -------
+
+
+def _beta_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    result = d
+    for m in range(1, 500):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # fmt: skip
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            result *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return result
+
+
+def regularized_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b), the regularised incomplete beta function."""
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"x must be in [0, 1], got {x}")
+    if x in (0.0, 1.0):
+        return x
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _beta_fraction(a, b, x) / a
+    return 1.0 - front * _beta_fraction(b, a, 1.0 - x) / b
+
+
+def t_two_sided_p(t: float, df: float) -> float:
+    """P(|T| >= |t|) for Student's t with `df` (any positive real) degrees of freedom."""
+    return regularized_beta(df / 2.0, 0.5, df / (df + t * t))
+
+
+def t_quantile(probability: float, df: float) -> float:
+    """The t value below which `probability` (> 0.5) of Student's t with `df` degrees of freedom lies."""
+    if not 0.5 < probability < 1.0:
+        raise ValueError(f"probability must be in (0.5, 1), got {probability}")
+    tail = 2.0 * (1.0 - probability)
+    low, high = 0.0, 1.0
+    while t_two_sided_p(high, df) > tail:
+        high *= 2.0
+    for _ in range(200):
+        middle = (low + high) / 2.0
+        low, high = (middle, high) if t_two_sided_p(middle, df) > tail else (low, middle)
+    return (low + high) / 2.0
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Seeds of one setting: mean, sample standard deviation and the t interval of the mean."""
+
+    n: int
+    mean: float
+    sd: float | None  # None below 2 seeds
+    low: float | None
+    high: float | None
+
+
+def spread(values: Sequence[float], level: float = 0.95) -> Spread:
+    """Mean ± sd and the `level` confidence interval of the mean, mean ± t(n-1) sd / sqrt(n)."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return Spread(n, mean, None, None, None)
+    sd = statistics.stdev(values)
+    half = t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n)
+    return Spread(n, mean, sd, mean - half, mean + half)
+
+
+def welch(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Welch's t-test, two-sided p-value (None with fewer than 2 seeds on a side). Equal values on both
+    sides with no spread give 1; different values with no spread at all give 0."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    if va + vb == 0:
+        return 1.0 if diff == 0 else 0.0
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return t_two_sided_p(diff / math.sqrt(va + vb), df)
+
+
+SIGNIFICANCE = 0.05  # Welch's p below this: a difference larger than the seed noise
+
+
 # ---- collecting ---------------------------------------------------------------------------------
 
 
@@ -731,6 +822,35 @@ class Result:
     labels: dict[str, str]
     values: dict[str, Any] = field(default_factory=dict)  # COLUMNS -> value
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    bench: dict[str, float] = field(default_factory=dict)  # bench/<name>/<row>/<column> -> value
+
+
+BENCH_PREFIX = "bench/"
+BENCH_COUNTS = ("/failures", "/missing")  # logged beside the scores; not columns
+SCORE_PREFIXES = (BENCH_PREFIX, "test/mc_accuracy_")  # benchmarks, and the test set's accuracy per question type
+
+
+def bench_scores(run_dir: Path, scalars: Mapping[str, list[tuple[int, float]]]) -> dict[str, float]:
+    """A run's benchmark numbers: the last logged `bench/*` scalar of each tag (BenchmarkEval) and the
+    test set's accuracy per question type (`test/mc_accuracy_<type>`), then
+    every `report.json` of `python -m src.eval score` under the run folder (`--out RUN/eval/<name>`),
+    whose numbers replace the logged ones of the same name: a scored report is of the final model on
+    the questions it names, the logged ones of a subset during training."""
+    scores = {tag: points[-1][1] for tag, points in scalars.items()
+              if tag.startswith(SCORE_PREFIXES) and points and not tag.endswith(BENCH_COUNTS)}  # fmt: skip
+    for path in sorted(run_dir.rglob("report.json")) if run_dir.is_dir() else []:
+        try:
+            report = json.loads(path.read_text())
+        except ValueError:
+            print(f"warning: {path} is not JSON; left out")
+            continue
+        if not isinstance(report, dict) or "benchmark" not in report or "step" in report:
+            continue  # not a score report (BenchmarkEval's own files carry a step: their numbers are logged)
+        for row, values in (report.get("rows") or {}).items():
+            for column, value in (values or {}).items():
+                if isinstance(value, (int, float)):
+                    scores["/".join(p for p in ("bench", report["benchmark"], row, column) if p)] = float(value)
+    return scores
 
 
 def run_result(run_dir: Path, name: str, labels: dict[str, str]) -> Result:
@@ -761,12 +881,16 @@ def run_result(run_dir: Path, name: str, labels: dict[str, str]) -> Result:
         "image_tokens_per_sample": per_sample,
     }
     curves = {tag: scalars[tag] for tag in ("train/loss", "val/loss") if tag in scalars}
-    return Result(name, labels, values, curves)
+    return Result(name, labels, values, curves, bench_scores(run_dir, scalars))
 
 
 def _format(column: str, value: Any) -> str:
     if value is None:
         return ""
+    if column.startswith(BENCH_PREFIX):
+        return f"{value:.2f}"
+    if column.startswith(SCORE_PREFIXES):
+        return f"{value:.3f}"
     if column == "trainable_params":
         return f"{int(value):,}"
     if column == "steps":
@@ -786,10 +910,14 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def collect(target: str | Path, out: str | Path | None = None, plot: bool = True) -> dict[str, Path]:
+def collect(
+    target: str | Path, out: str | Path | None = None, plot: bool = True, bench: str | None = None
+) -> dict[str, Path]:
     """Reads every run of a sweep (a spec file, or the sweep's folder) and writes `results.csv`,
-    `results.md` (one row per run), `summary.md` (mean and standard deviation over seeds) and
-    `loss_curves.png` into the sweep's folder. Returns the files written."""
+    `results.md` (one row per run), `summary.md` (per setting over its seeds: mean ± sd, the 95%
+    confidence interval, and which differences exceed the seed noise), `loss_curves.png` and
+    `scores.png` (means with their intervals) into the sweep's folder. `bench`, a regular
+    expression, keeps the benchmark columns it finds in (default: all). Returns the files written."""
     target = Path(target)
     if target.is_file():
         sweep = load_spec(target, out=out)
@@ -802,7 +930,8 @@ def collect(target: str | Path, out: str | Path | None = None, plot: bool = True
     manifest = json.loads(manifest_path.read_text())
     columns, seeds = manifest["columns"], manifest["seeds"]
     results = [run_result(Path(r["dir"]), r["name"], r["labels"]) for r in manifest["runs"]]
-    header = ["run", *columns, *COLUMNS]
+    benches = bench_columns(results, bench)
+    header = ["run", *columns, *COLUMNS, *benches]
     with open(folder / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
@@ -812,17 +941,39 @@ def collect(target: str | Path, out: str | Path | None = None, plot: bool = True
                     r.name,
                     *(r.labels[c] for c in columns),
                     *("" if r.values[c] is None else r.values[c] for c in COLUMNS),
+                    *(r.bench.get(c, "") for c in benches),
                 ]
             )
-    rows = [[r.name, *(r.labels[c] for c in columns), *(_format(c, r.values[c]) for c in COLUMNS)] for r in results]
+    rows = [
+        [r.name, *(r.labels[c] for c in columns), *(_format(c, r.values[c]) for c in COLUMNS),
+         *(_format(c, r.bench.get(c)) for c in benches)]
+        for r in results
+    ]  # fmt: skip
     (folder / "results.md").write_text(_markdown(header, rows))
-    (folder / "summary.md").write_text(summary(results, columns, seeds))
+    (folder / "summary.md").write_text(summary(results, columns, seeds, benches))
     written = {"csv": folder / "results.csv", "markdown": folder / "results.md", "summary": folder / "summary.md"}
     if plot:
         written["plot"] = plot_curves(results, columns, seeds, folder / "loss_curves.png")
+        scores = plot_scores(results, columns, seeds, benches, folder / "scores.png")
+        if scores is not None:
+            written["scores"] = scores
     done = sum(r.values["status"] == "done" for r in results)
     print(f"{folder}: {done} of {len(results)} runs done; wrote " + ", ".join(p.name for p in written.values()))
     return written
+
+
+def bench_columns(results: Sequence[Result], pattern: str | None = None) -> list[str]:
+    """The benchmark columns of any run, in the order first seen, those matching `pattern` only."""
+    try:
+        wanted = re.compile(pattern) if pattern else None
+    except re.error as error:
+        raise SweepError(f"--bench {pattern!r} is not a regular expression: {error}") from None
+    seen: dict[str, None] = {}
+    for r in results:
+        for key in r.bench:
+            if wanted is None or wanted.search(key):
+                seen.setdefault(key, None)
+    return list(seen)
 
 
 def _groups(results: Sequence[Result], columns: Sequence[str], seeds: Sequence[str]) -> dict[str, list[Result]]:
@@ -834,23 +985,88 @@ def _groups(results: Sequence[Result], columns: Sequence[str], seeds: Sequence[s
     return groups
 
 
-def summary(results: Sequence[Result], columns: Sequence[str], seeds: Sequence[str]) -> str:
-    """Mean (and, over two or more seeds, standard deviation) per setting, over its finished runs."""
-    metrics = ("train_loss", "val_loss", "test_accuracy", "tokens_per_s", "trainable_params", "image_tokens_per_sample")
-    rows = []
+SUMMARY_METRICS = ("train_loss", "val_loss", "test_accuracy", "tokens_per_s", "trainable_params",
+                   "image_tokens_per_sample")  # fmt: skip
+LOWER_IS_BETTER = ("train_loss", "val_loss")  # every other compared column: higher is better
+NOT_COMPARED = ("tokens_per_s", "trainable_params", "image_tokens_per_sample")  # facts, not outcomes
+
+
+def _value(r: Result, metric: str) -> float | None:
+    return r.bench.get(metric) if metric.startswith(SCORE_PREFIXES) else r.values.get(metric)
+
+
+def setting_values(results: Sequence[Result], columns: Sequence[str], seeds: Sequence[str],
+                   metrics: Sequence[str]) -> dict[str, dict[str, list[float]]]:  # fmt: skip
+    """Per setting, per metric: the values of its finished runs (one per seed)."""
+    table: dict[str, dict[str, list[float]]] = {}
     for key, group in _groups(results, columns, seeds).items():
         done = [r for r in group if r.values["status"] == "done"]
-        row = [key, f"{len(done)}/{len(group)}"]
+        table[key] = {m: [float(v) for r in done if (v := _value(r, m)) is not None] for m in metrics}
+    return table
+
+
+def separations(values: Mapping[str, Mapping[str, list[float]]], metric: str) -> tuple[str | None, dict[str, float]]:
+    """The best setting of `metric` (highest mean; lowest for a loss) and Welch's p of each other
+    setting against it (settings with fewer than 2 seeds are not tested)."""
+    means = {key: statistics.fmean(v[metric]) for key, v in values.items() if v[metric]}
+    if not means:
+        return None, {}
+    pick = min if metric in LOWER_IS_BETTER else max
+    best = pick(means, key=lambda k: means[k])
+    tests = {key: welch(values[key][metric], values[best][metric]) for key in means if key != best}
+    return best, {key: p for key, p in tests.items() if p is not None}
+
+
+def summary(
+    results: Sequence[Result], columns: Sequence[str], seeds: Sequence[str], benches: Sequence[str] = ()
+) -> str:
+    """Per setting, over its finished runs: mean ± sd and [the 95% t interval of the mean]; the
+    column's best setting is in bold, and a setting whose difference from it is larger than the seed
+    noise (Welch's t-test, p < 0.05) is marked `*`. Then the settings' pairs that differ so."""
+    metrics = [*SUMMARY_METRICS, *benches]
+    values = setting_values(results, columns, seeds, metrics)
+    groups = _groups(results, columns, seeds)
+    compared = [m for m in metrics if m not in NOT_COMPARED]
+    verdicts = {m: separations(values, m) for m in compared}
+    rows = []
+    for key, group in groups.items():
+        done = sum(r.values["status"] == "done" for r in group)
+        row = [key, f"{done}/{len(group)}"]
         for m in metrics:
-            xs = [r.values[m] for r in done if r.values[m] is not None]
+            xs = values[key][m]
             if not xs:
                 row.append("")
-            elif len(xs) == 1:
-                row.append(_format(m, xs[0]))
-            else:
-                row.append(f"{_format(m, statistics.fmean(xs))} ± {_format(m, statistics.stdev(xs))}")
+                continue
+            s = spread(xs)
+            cell = _format(m, s.mean)
+            if s.sd is not None:
+                cell += f" ± {_format(m, s.sd)} [{_format(m, s.low)}, {_format(m, s.high)}]"
+            best, tests = verdicts.get(m, (None, {}))
+            if key == best and len(values) > 1:
+                cell = f"**{cell}**"
+            elif tests.get(key) is not None and tests[key] < SIGNIFICANCE:
+                cell += " *"
+            row.append(cell)
         rows.append(row)
-    return _markdown(["setting", "runs done", *metrics], rows)
+    text = _markdown(["setting", "runs done", *metrics], rows)
+    text += (
+        "\nmean ± sd [95% confidence interval of the mean: mean ± t(0.975, n-1) sd / sqrt(n)] over the seeds of "
+        "each setting. **bold**: the column's best mean (lowest for losses); `*`: Welch's two-sided t-test "
+        f"against the best gives p < {SIGNIFICANCE} (a difference larger than the seed noise). Settings with "
+        "one seed are not tested.\n"
+    )
+    lines = []
+    for m in compared:
+        keys = [k for k in values if len(values[k][m]) >= 2]
+        for i, a in enumerate(keys):
+            for b in keys[i + 1 :]:
+                p = welch(values[a][m], values[b][m])
+                if p is not None and p < SIGNIFICANCE:
+                    high, low = (a, b) if statistics.fmean(values[a][m]) > statistics.fmean(values[b][m]) else (b, a)
+                    lines.append(f"- {m}: {high} > {low} (Welch p = {p:.3g})")
+    text += "\nDifferences larger than the seed noise (every pair of settings, p < 0.05):\n\n"
+    text += ("\n".join(lines) if lines else "- none") + "\n"
+    return text
 
 
 def plot_curves(results: Sequence[Result], columns: Sequence[str], seeds: Sequence[str], path: Path) -> Path:
@@ -899,6 +1115,55 @@ def plot_curves(results: Sequence[Result], columns: Sequence[str], seeds: Sequen
     return path
 
 
+def plot_scores(
+    results: Sequence[Result],
+    columns: Sequence[str],
+    seeds: Sequence[str],
+    benches: Sequence[str],
+    path: Path,
+    most: int = 12,
+) -> Path | None:
+    """One panel per compared metric with values (val_loss, test_accuracy, then the benchmark columns,
+    `most` panels at most): each setting's mean over its seeds with its 95% confidence interval as
+    error bars, the seeds as dots. None when no run has any of them."""
+    metrics = [m for m in ("val_loss", "test_accuracy", *benches)]
+    values = setting_values(results, columns, seeds, metrics)
+    metrics = [m for m in metrics if any(values[k][m] for k in values)][:most]
+    if not metrics:
+        return None
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise SweepError("the plots need matplotlib: pip install matplotlib") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = min(3, len(metrics))
+    height = math.ceil(len(metrics) / width)
+    keys = list(values)
+    fig, axes = plt.subplots(height, width, figsize=(max(4.5, 1.1 * len(keys) + 2) * width, 3.8 * height),
+                             squeeze=False)  # fmt: skip
+    for ax, m in zip(axes.flat, metrics, strict=False):
+        for i, key in enumerate(keys):
+            xs = values[key][m]
+            if not xs:
+                continue
+            s = spread(xs)
+            error = [[s.mean - s.low], [s.high - s.mean]] if s.sd is not None else None
+            ax.errorbar([i], [s.mean], yerr=error, fmt="o", color="C0", capsize=5, ms=6)
+            ax.scatter([i + 0.15] * len(xs), xs, color="0.5", s=10, zorder=3)
+        ax.set_xticks(range(len(keys)), keys, rotation=30, ha="right", fontsize=7)
+        ax.set_title(m, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.axis("off")
+    fig.suptitle("mean over seeds, error bars: 95% confidence interval (t), dots: seeds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 # ---- the command line ---------------------------------------------------------------------------
 
 
@@ -931,16 +1196,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("run-one", help="run line INDEX of SWEEP/runs.txt in this process (what array tasks do)")
     p.add_argument("--sweep", required=True, help="the sweep's folder")
     p.add_argument("--index", required=True, type=int)
-    p = sub.add_parser("collect", help="results.csv, results.md, summary.md and loss_curves.png of a sweep")
+    p = sub.add_parser("collect", help="results.csv/.md, summary.md, loss_curves.png and scores.png of a sweep")
     p.add_argument("target", help="a sweep spec, or a sweep's folder")
     p.add_argument("--out", help="the sweep's folder when a spec is given (default: the spec's `out`)")
+    p.add_argument("--bench", help="regular expression: the benchmark columns kept (default: all), e.g. '/all/'")
+    p.add_argument("--no-plot", action="store_true", help="tables only (no matplotlib needed)")
     args = parser.parse_args(argv)
     try:
         if args.command == "run-one":
             run_one(args.sweep, args.index)
             return 0
         if args.command == "collect":
-            collect(args.target, out=args.out)
+            collect(args.target, out=args.out, plot=not args.no_plot, bench=args.bench)
             return 0
         sweep = load_spec(args.spec, out=args.out)
         runs = plan(sweep)

@@ -6,7 +6,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
+import math
 import os
+import re
+import statistics
 import subprocess
 import sys
 import time
@@ -297,3 +301,124 @@ def test_a_failing_run_is_recorded_and_the_table_shows_it(tmp_path: Path) -> Non
     with open(tmp_path / "bad" / "results.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert row["status"] == "failed" and row["train_loss"] == ""
+
+
+# ---- statistics and benchmark columns on synthetic run folders ------------------------------------
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        20: 2.086, 30: 2.042}  # t(0.975, df), printed tables (e.g. NIST/SEMATECH e-Handbook 1.3.6.7.2)  # fmt: skip
+
+
+def test_t_quantiles_equal_the_printed_table_and_scipy_where_installed() -> None:
+    for df, value in T975.items():
+        assert sw.t_quantile(0.975, df) == pytest.approx(value, abs=5e-4), df
+    assert sw.t_quantile(0.95, 4) == pytest.approx(2.132, abs=5e-4)
+    try:
+        from scipy import stats
+    except ImportError:
+        return
+    for df in (1, 2, 3.5, 7, 29.2, 200):
+        assert sw.t_quantile(0.975, df) == pytest.approx(stats.t.ppf(0.975, df), rel=1e-9)
+        assert sw.t_two_sided_p(1.7, df) == pytest.approx(2 * stats.t.sf(1.7, df), rel=1e-9)
+
+
+def _closed_form_p(t: float, df: int) -> float:
+    """P(|T| >= t) for even df (Abramowitz & Stegun 26.7.4), independent of the incomplete beta."""
+    theta = math.atan(abs(t) / math.sqrt(df))
+    term, total = 1.0, 1.0
+    for k in range(1, df // 2):
+        term *= (2 * k - 1) / (2 * k) * math.cos(theta) ** 2
+        total += term
+    return 1.0 - math.sin(theta) * total
+
+
+def test_welch_equals_the_closed_form_where_its_degrees_of_freedom_are_whole() -> None:
+    a, b = [1.0, 2.0, 3.0], [2.5, 3.5, 4.5]  # equal n and variance: Welch's df = 2 (n - 1) = 4
+    t = (2.0 - 3.5) / math.sqrt(1.0 / 3 + 1.0 / 3)
+    assert sw.welch(a, b) == pytest.approx(_closed_form_p(t, 4), rel=1e-10)
+    assert sw.t_two_sided_p(2.0, 6) == pytest.approx(_closed_form_p(2.0, 6), rel=1e-10)
+    assert sw.welch([1.0], [2.0, 3.0]) is None
+    assert sw.welch([1.0, 1.0], [1.0, 1.0]) == 1.0 and sw.welch([1.0, 1.0], [2.0, 2.0]) == 0.0
+
+
+def _write_run(run_dir: Path, scalars: dict[str, list[tuple[int, float]]]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "logs" / "fit"))
+    for tag, points in scalars.items():
+        for step, value in points:
+            writer.add_scalar(tag, value, global_step=step)
+    writer.close()
+    (run_dir / "DONE").write_text("{}")
+
+
+ACCURACY = {"linear": [60.0, 62.0, 61.0], "mlp": [70.0, 71.5, 69.0], "ldp": [61.0, 59.0, 63.5]}
+MME = {"linear": [900.0, 950.0, 925.0], "mlp": [1000.0, 990.0, 1010.0], "ldp": [940.0, 935.0, 960.0]}
+
+
+def test_collect_adds_benchmark_columns_confidence_intervals_and_marks_real_differences(tmp_path: Path) -> None:
+    raw = {"base": ["lightning_config.yaml"], "grid": {"model.projector": [{"name": p} for p in ACCURACY],
+           "seed_everything": [0, 1, 2]}, "out": str(tmp_path / "sweep")}  # fmt: skip
+    sweep = sw.load_spec(raw, cwd=ROOT)
+    runs = sw.plan(sweep)
+    sw.prepare(sweep, runs)
+    for run in runs:
+        projector, seed = run.labels["projector"], int(run.labels["seed"])
+        accuracy = ACCURACY[projector][seed]
+        _write_run(run.path, {"train/loss": [(0, 2.0), (5, 1.0 + seed / 10)],
+                              "bench/pope/all/accuracy": [(3, accuracy - 20), (6, accuracy)],
+                              "bench/pope/failures": [(6, 3.0)]})  # fmt: skip
+        report = {"benchmark": "mme", "method": "m", "rows": {"Perception": {"score": MME[projector][seed]}}}
+        (run.path / "eval" / "mme").mkdir(parents=True)
+        (run.path / "eval" / "mme" / "report.json").write_text(json.dumps(report))
+        stale = {"benchmark": "pope", "step": 3, "rows": {"all": {"accuracy": -1.0}}}  # BenchmarkEval's own file
+        (run.path / "logs" / "fit" / "bench").mkdir(parents=True)
+        (run.path / "logs" / "fit" / "bench" / "report.json").write_text(json.dumps(stale))
+    written = sw.collect(sweep.out)
+    with open(sweep.out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[-2:] == ["bench/pope/all/accuracy", "bench/mme/Perception/score"]  # no failure counts
+    for row in rows:
+        accuracy = ACCURACY[row["projector"]][int(row["seed"])]
+        assert float(row["bench/pope/all/accuracy"]) == pytest.approx(accuracy, abs=1e-4)  # the last step's
+        assert float(row["bench/mme/Perception/score"]) == MME[row["projector"]][int(row["seed"])]
+
+    text = (sweep.out / "summary.md").read_text()
+    lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| projector=")}
+    header = [c.strip() for c in text.splitlines()[0].strip("|").split("|")]
+    for projector, values in ACCURACY.items():
+        mean, sd = statistics.fmean(values), statistics.stdev(values)
+        half = T975[2] * sd / math.sqrt(3)  # the printed t table, not the code's quantile
+        cells = [c.strip() for c in lines[f"projector={projector}"].strip("|").split("|")]
+        cell = cells[header.index("bench/pope/all/accuracy")]
+        numbers = [float(x) for x in re.findall(r"-?\d+\.\d+", cell)]
+        assert numbers == pytest.approx([mean, sd, mean - half, mean + half], abs=0.006), cell
+    # mlp is best on both benchmarks and clearly above; linear and ldp overlap: not told apart
+    assert "**" in lines["projector=mlp"].split(" | ")[-2]
+    assert lines["projector=linear"].split(" | ")[-2].endswith("*") and lines["projector=ldp"].split(" | ")[
+        -2
+    ].endswith("*")
+    p = sw.welch(ACCURACY["mlp"], ACCURACY["linear"])
+    assert f"- bench/pope/all/accuracy: projector=mlp > projector=linear (Welch p = {p:.3g})" in text
+    assert "projector=linear > projector=ldp" not in text and "projector=ldp > projector=linear" not in text
+    assert sw.welch(ACCURACY["linear"], ACCURACY["ldp"]) > 0.05
+    with Image.open(written["scores"]) as image:
+        image.load()
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50
+
+    sw.collect(sweep.out, plot=False, bench="mme")
+    with open(sweep.out / "results.csv") as f:
+        assert [c for c in next(csv.reader(f)) if c.startswith("bench/")] == ["bench/mme/Perception/score"]
+    with pytest.raises(sw.SweepError, match="not a regular expression"):
+        sw.collect(sweep.out, plot=False, bench="(")
+
+
+def test_the_cpu_ablation_spec_plans_4_projectors_x_3_seeds_tested(tmp_path: Path) -> None:
+    sweep = sw.load_spec(ROOT / "experiments/sweeps/demo_ablation.yaml", out=tmp_path / "ablation", cwd=ROOT)
+    runs = sw.plan(sweep)
+    assert {(r.labels["projector"], r.labels["seed"]) for r in runs} == {
+        (p, s) for p in ("linear", "mlp", "pixel_shuffle", "ldp") for s in ("0", "1", "2")
+    }
+    config = sw.run_config(sweep, runs[-1])
+    assert sw.wants_test(sweep.test, config) and config["data"]["seed"] == 2
+    assert config["trainer"]["limit_test_batches"] == 1.0 and config["trainer"]["max_steps"] == 1000

@@ -97,6 +97,11 @@ class Benchmark:
     def failed(self, reading: Any) -> bool:
         return reading is None
 
+    def unit(self, question: Question) -> str:
+        """The questions scored together (MME's image pair, MMBench's rotations): a subset of a
+        release (evaluation during training's `limit`) takes or leaves a unit whole."""
+        return question.id
+
     def metric(self, questions: list[Question]) -> Metric:
         raise NotImplementedError
 

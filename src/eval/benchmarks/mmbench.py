@@ -140,6 +140,9 @@ class MMBench(Benchmark):
     def failed(self, reading: str | None) -> bool:
         return reading is None or reading not in LETTERS
 
+    def unit(self, question: Question) -> str:
+        return str(question.info["index"] % ROTATION)
+
     def metric(self, questions: list[Question]) -> CircularMetric:
         groups = sorted({q.group for q in questions})
         return CircularMetric(groups, sorted({q.info["l2"] for q in questions}))

@@ -85,6 +85,9 @@ class MME(Benchmark):
     def read(self, reply: str | None, question: Question) -> str | None:
         return None if reply is None else read_yes_no(reply, "prefix")
 
+    def unit(self, question: Question) -> str:
+        return f"{question.group}/{question.info['pair']}"
+
     def metric(self, questions: list[Question]) -> PairMetric:
         return PairMetric([s for s in SUBTASKS if any(q.group == s for q in questions)], SECTIONS)
 
