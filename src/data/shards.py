@@ -31,33 +31,29 @@ Decisions, each for a reason:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from contextlib import ExitStack
 from itertools import groupby
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from src.data.conversation import IGNORE_INDEX, IMAGE_TAG, SampleError
 from src.data.decode import (
     _IMAGE_SUFFIX,
-    IMAGE_FORMATS,
     MAX_PIXELS,
     ImagePolicy,
     SkipCounter,
-    decode_image,
     decode_sample,
     describe,
 )
-from src.data.records import check_fields, check_images, llava_record, parse_json, read_sizes_table
+from src.data.inputs import CONVERTED_FORMATS, WRITER_POLICY, image_format, load_image, read_records  # noqa: F401  (the writer's API)
+from src.data.records import check_fields, check_images, llava_record, read_sizes_table
 
 BLOCK = 512  # a tar header, and the unit member data is padded to
 RECORD = 20 * BLOCK  # tarfile pads a closed archive to whole records of 10 KiB
@@ -66,88 +62,6 @@ _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 # webdataset's default decoders unpickle or torch.load these; our reader never decodes them
 UNSAFE_EXTENSIONS = ("pyd", "pickle", "pkl", "pth")
 MEMBER_TYPES = ("jpg", "png", "webp", "json", "txt", "unsafe", "other")
-_PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"}
-CONVERTED_FORMATS = ("GIF", "BMP", "TIFF")
-"""Input image formats the writer re-encodes to PNG (OCR-VQA's GIFs); any other is refused."""
-WRITER_POLICY = ImagePolicy(IMAGE_FORMATS + CONVERTED_FORMATS, MAX_PIXELS)
-
-
-# ---------------------------------------------------------------- reading the input
-
-
-def read_records(path: Path) -> tuple[Iterator[Any], int | None]:
-    """The records of a JSON list or a JSONL file, and their number when known.
-
-    `.jsonl` is read as JSONL; anything else is sniffed: a first character `[` means one JSON
-    list (loaded whole, as LLaVA loads it), otherwise one record per line. A JSONL line that
-    does not parse (or nests too deeply) comes out as a `SampleError` so the writer counts it and
-    goes on; blank lines are ignored. A JSON list that does not parse as a whole raises
-    ValueError naming the file: there is no record boundary to skip to.
-    """
-    with open(path, "rb") as stream:
-        head = stream.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if path.suffix != ".jsonl" and head.startswith(b"["):
-        try:
-            records = json.loads(path.read_bytes())
-        except RecursionError as error:
-            raise ValueError(
-                f"{path} holds a record nested deeper than Python's JSON parser allows; as JSONL (one record "
-                "per line) such records are skipped one by one"
-            ) from error
-        except ValueError as error:
-            raise ValueError(f"{path} is not valid JSON ({error})") from error
-        if not isinstance(records, list):
-            raise ValueError(f"{path} is not a JSON list of records")
-        return iter(records), len(records)
-    return _jsonl(path), None
-
-
-def _jsonl(path: Path) -> Iterator[Any]:
-    with open(path, "rb") as stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield parse_json(line)
-            except SampleError as error:  # bad_json / too_deep: counted, and the next line is read
-                yield SampleError(error.reason, f"line {number}: {error}")
-
-
-def image_format(data: bytes) -> str | None:
-    """The member extension for bytes the reader takes as they are, from their magic number."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return None
-
-
-def _to_png(data: bytes) -> bytes:
-    with Image.open(io.BytesIO(data), formats=WRITER_POLICY.formats) as image:
-        image.load()
-        if image.mode not in _PNG_MODES:
-            image = image.convert("RGBA" if image.mode.endswith("A") else "RGB")
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return buffer.getvalue()
-
-
-def load_image(path: Path, policy: ImagePolicy = WRITER_POLICY) -> tuple[bytes, str, bool]:
-    """(bytes, member extension, whether re-encoded) of one image file."""
-    if not path.is_file():
-        raise SampleError("missing_image", f"{path} is not a file")
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise SampleError("bad_image", f"{path} cannot be read ({error})") from error
-    try:
-        decode_image(data, policy=policy)  # the reader's own check: what is written here reads there
-    except SampleError as error:
-        raise SampleError(error.reason, f"{path}: {str(error)[len(error.reason) + 2 :]}") from error
-    fmt = image_format(data)
-    return (data, fmt, False) if fmt else (_to_png(data), "png", True)
 
 
 # ---------------------------------------------------------------- keys and shards
@@ -452,7 +366,7 @@ def inspect_shards(
     errors are counted, not raised. `samples` stops after that many samples."""
     from webdataset.tariterators import tarfile_samples
 
-    from src.data.datamodule import expand_shards, read_sizes
+    from src.data.stream import expand_shards, read_sizes
 
     urls = expand_shards(shards)
     try:
@@ -655,7 +569,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.tokenizer is not None:
         from transformers import AutoTokenizer
 
-        from src.model.language import prepare_tokenizer
+        from src.data.tokenizer import prepare_tokenizer
 
         # as training prepares it: a hub tokenizer (Vicuna's) gains `<image>` and a pad token
         tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(args.tokenizer))

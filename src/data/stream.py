@@ -148,7 +148,7 @@ class JsonSamples:
     """
 
     def __init__(self, path: str | Path, image_root: str | Path | None = None) -> None:
-        from src.data.shards import read_records
+        from src.data.inputs import read_records
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -159,8 +159,8 @@ class JsonSamples:
         read_records(self.path)  # a JSON list that does not parse stops start-up, not a worker
 
     def __call__(self, slot: int, slots: int) -> Iterator[dict]:
+        from src.data.inputs import load_image, read_records
         from src.data.records import image_paths
-        from src.data.shards import load_image, read_records
 
         records, _ = read_records(self.path)
         for index, record in enumerate(records):

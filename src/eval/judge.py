@@ -61,7 +61,7 @@ def load_chat_config(path: Path | str):
     used instead of the top level); an unknown field is an error naming the valid ones."""
     from omegaconf import OmegaConf
 
-    from src.instruct.client import ChatConfig
+    from src.core.chat_client import ChatConfig
 
     data = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
     if not isinstance(data, dict):
@@ -195,7 +195,7 @@ def review_prompt(context: str, question: str, reference: str, answer: str, rubr
 async def review_one(client, system: str, prompt: str, max_attempts: int) -> dict:
     """Asks until the scores read or `max_attempts` replies were unreadable; a client that
     gives up (ChatError) ends it with the error recorded."""
-    from src.instruct.client import ChatError
+    from src.core.chat_client import ChatError
 
     replies: list[str] = []
     messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
@@ -212,7 +212,7 @@ async def review_one(client, system: str, prompt: str, max_attempts: int) -> dic
 
 
 async def _review_all(config, jobs: list[dict], system: str, max_attempts: int) -> tuple[list[dict], dict]:
-    from src.instruct.client import ChatClient
+    from src.core.chat_client import ChatClient
 
     async with ChatClient(config) as client:
         results = await asyncio.gather(*(review_one(client, system, job["prompt"], max_attempts) for job in jobs))
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--method", default=None, help="the model's name in the report")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from src.instruct.client import ChatError
+    from src.core.chat_client import ChatError
 
     try:
         report = evaluate(

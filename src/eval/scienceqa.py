@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     sc.add_argument("--out", type=Path, required=True, help="folder for report.md, report.json, per_question.jsonl")
     sc.add_argument("--method", default=None, help="row name (default: the predictions' model)")
     sc.add_argument(
-        "--judge", type=Path, default=None, help="judge client YAML (src.instruct.client.ChatConfig fields)"
+        "--judge", type=Path, default=None, help="judge client YAML (src.core.chat_client.ChatConfig fields)"
     )
     sc.add_argument(
         "--lenient",
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from src.instruct.client import ChatError  # a judge that cannot start (no key) is a usage error too
+    from src.core.chat_client import ChatError  # a judge that cannot start (no key) is a usage error too
 
     try:
         if args.command == "convert":

@@ -69,7 +69,7 @@ def _letter(choice: int | None) -> str | None:
 
 async def judge_one(client, problem: dict, model_reply: str, model_choice: int | None) -> dict:
     """The ensemble's answer to one question, with the route it took and the judge's replies."""
-    from src.instruct.client import ChatError
+    from src.core.chat_client import ChatError
 
     n = len(problem["choices"])
     outcome: dict = {"model": _letter(model_choice), "judge": None, "final": _letter(model_choice)}
@@ -95,7 +95,7 @@ async def judge_one(client, problem: dict, model_reply: str, model_choice: int |
 
 
 async def _judge_all(config, jobs: list[tuple[str, dict, str, int | None]]) -> tuple[dict[str, dict], dict]:
-    from src.instruct.client import ChatClient
+    from src.core.chat_client import ChatClient
 
     async with ChatClient(config) as client:
         outcomes = await asyncio.gather(*(judge_one(client, p, reply, choice) for _, p, reply, choice in jobs))

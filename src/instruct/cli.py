@@ -20,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from src.instruct.client import ChatClient, ChatConfig, ChatError
+from src.core.chat_client import ChatClient, ChatConfig, ChatError
 from src.instruct.config import GenerateConfig, add_arguments, build_config, save_config
 from src.instruct.generate import FatalError, generate
 from src.instruct.ledger import Ledger

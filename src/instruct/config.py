@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from src.instruct.client import ChatConfig
+from src.core.chat_client import ChatConfig
 from src.instruct.prompts import KINDS
 from src.instruct.sampling import IMAGE_POSITIONS
 

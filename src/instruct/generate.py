@@ -20,7 +20,7 @@ from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-from src.instruct.client import ChatClient, ChatError
+from src.core.chat_client import ChatClient, ChatError
 from src.instruct.config import GenerateConfig
 from src.instruct.ledger import OK, Ledger
 from src.instruct.parse import Rejected, to_conversation, validate

@@ -19,8 +19,8 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+from src.core.chat_client import ChatConfig
 from src.data.shards import write_shards
-from src.instruct.client import ChatConfig
 from src.instruct.config import GenerateConfig
 from src.instruct.generate import RunStats
 from src.instruct.ledger import Ledger

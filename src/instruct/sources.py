@@ -237,13 +237,13 @@ class RecordSource(Source):
 
     def __init__(self, path: Path | str, images: Path | str, boxes_normalized: bool = False) -> None:
         super().__init__()
-        from src.data.shards import read_records
+        from src.data.inputs import read_records
 
         self.path, self.images, self.normalized = Path(path), Path(images), boxes_normalized
         _, self.total = read_records(self.path)
 
     def _raw(self) -> Iterator[Any]:
-        from src.data.shards import read_records
+        from src.data.inputs import read_records
 
         records, _ = read_records(self.path)
         for record in records:

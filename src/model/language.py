@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
-from tokenizers import AddedToken
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -45,14 +44,12 @@ from transformers import (
     BitsAndBytesConfig,
     PretrainedConfig,
     PreTrainedModel,
-    PreTrainedTokenizerBase,
 )
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 from transformers.utils import is_flash_attn_2_available
 
-from src.data.conversation import IMAGE_TAG
 from src.model.lora import LoraSettings
 
 ATTENTION_BACKENDS = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
@@ -152,31 +149,6 @@ def _attend_by_example(
 
 AttentionInterface.register(SDPA_BY_EXAMPLE, sdpa_by_example)
 AttentionMaskInterface.register(SDPA_BY_EXAMPLE, sdpa_mask)  # transformers' SDPA masks everywhere else
-
-
-def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Adds `<image>` and a pad token when missing; returns the same tokenizer.
-
-    `<image>` becomes a special added token: never split by the model's pre-tokenizer, never
-    normalised, dropped by `decode(skip_special_tokens=True)`. It is appended, so its id is
-    `len(tokenizer)` before the call (or its existing id, if the vocabulary had it as a plain
-    token): the same on every load of the same tokenizer, which is what lets a checkpoint
-    reload with the ids it was trained with.
-
-    The pad token, when there is none, reuses unk, else eos, rather than adding a token:
-    padded positions are masked out of attention and loss, so any id serves, and a new row
-    would only be one more untrained embedding. unk before eos (as LLaVA does for Llama):
-    code that masks labels by the pad id would otherwise also mask every eos, and the model
-    would never learn to stop.
-    """
-    if IMAGE_TAG not in tokenizer.get_added_vocab():
-        token = AddedToken(IMAGE_TAG, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False)
-        tokenizer.add_special_tokens({"extra_special_tokens": [token]}, replace_extra_special_tokens=False)
-    if tokenizer.pad_token is None:
-        if tokenizer.unk_token is None and tokenizer.eos_token is None:
-            raise ValueError("the tokenizer has no pad, unk or eos token to pad with")
-        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
-    return tokenizer
 
 
 def _model_class(hf_config: PretrainedConfig) -> type[PreTrainedModel] | None:

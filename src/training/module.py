@@ -17,10 +17,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import AutoTokenizer
 
 from src.data.conversation import IGNORE_INDEX, IMAGE_TAG
+from src.data.tokenizer import prepare_tokenizer
 from src.eval.answers import read_choice
 from src.eval.multiple_choice import MultipleChoiceAccuracy
 from src.model.generation import GenerationConfig, StopStrings, decode_reply, row_generators
-from src.model.language import LLMConfig, build_llm, check_quantization, prepare_tokenizer
+from src.model.language import LLMConfig, build_llm, check_quantization
 from src.model.llava import LlavaModel
 from src.model.lora import apply_lora
 from src.model.projector import ProjectorConfig, build_projector

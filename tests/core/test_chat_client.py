@@ -12,7 +12,7 @@ import httpx
 import pytest
 from chat_server import ChatServer, random_faults
 
-from src.instruct.client import ChatClient, ChatConfig, ChatError, parse_retry_after
+from src.core.chat_client import ChatClient, ChatConfig, ChatError, parse_retry_after
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello"}]
 

@@ -25,8 +25,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from src.data.conversation import ConversationEncoder, build_template
+from src.data.inputs import read_records
 from src.data.samples import PROMPT_VIEW, ExampleBuilder
-from src.data.shards import read_records, write_shards
+from src.data.shards import write_shards
 from src.data.stream import ShardStream
 
 pytestmark = pytest.mark.usefixtures("single_thread", "quiet_skips")

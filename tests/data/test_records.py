@@ -18,6 +18,7 @@ from PIL import EpsImagePlugin, Image
 from src.data.conversation import SampleError
 from src.data.datamodule import LlavaDataModule, ShardStream, count_samples
 from src.data.decode import ImagePolicy, decode_image, decode_sample
+from src.data.inputs import read_records
 from src.data.records import (
     MAX_DEPTH,
     REASONS,
@@ -30,7 +31,7 @@ from src.data.records import (
     questions,
     read_sizes_table,
 )
-from src.data.shards import inspect_shards, read_records, write_shards
+from src.data.shards import inspect_shards, write_shards
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

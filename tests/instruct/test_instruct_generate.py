@@ -19,8 +19,8 @@ from fake_teacher import (
     write_llava_prompts,
 )
 
+from src.core.chat_client import ChatConfig
 from src.instruct.cli import run
-from src.instruct.client import ChatConfig
 from src.instruct.config import GenerateConfig
 from src.instruct.generate import FatalError
 from src.instruct.ledger import Ledger
