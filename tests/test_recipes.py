@@ -98,6 +98,7 @@ NOT_TRAINING = {  # their own tests load them
     "sweeps",  # sweep specs: tests/launch
     "instruct",  # teacher settings for python -m src.instruct: tests/instruct
     "eval",  # judge settings: tests/eval
+    "demo",  # CPU demo variants: tests/test_export_demo.py
 }
 RECIPES = sorted(  # training configs
     str(p.relative_to(EXPERIMENTS).with_suffix(""))

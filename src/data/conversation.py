@@ -70,6 +70,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     num_images: int
+    text: str = ""  # encode_prompt: the prompt as the model reads it (bos included, one <image> per image)
 
 
 Segment = tuple[str, bool]  # (text, supervised)
@@ -212,6 +213,9 @@ class ChatTemplate(Template):
     say) are refused. The text carries the template's own special tokens, so the encoder
     adds bos only if the template does not write it and the tokenizer would add it on
     its own (as `tokenizer(text)` does), and eos only if replies have no end marker.
+    Templates that read message content as a list of parts (a transformers processor's
+    template, such as llava-hf's) are detected at start-up and given that shape: each
+    `<image>` tag becomes an image part, the rest one text part.
     """
 
     PROBE = [("Probe question one?", "Probe answer one."), ("Probe question two?", "Probe answer two.")]
@@ -229,7 +233,16 @@ class ChatTemplate(Template):
         self.tokenizer = tokenizer
         self.system = system  # None: the template's own default; a string (even ""): that system message
         self.appends_end_token = False
-        probe = self.render(self.PROBE)  # a template that rewrites history fails here, at start-up
+        self.content_parts = False  # messages' content as a string, or as a list of parts (a processor's shape)
+        try:
+            probe = self.render(self.PROBE)  # a template that rewrites history fails here, at start-up
+        except Exception as as_string:  # noqa: BLE001 - any failure: try the other content shape
+            self.content_parts = True
+            try:
+                probe = self.render(self.PROBE)
+            except Exception:  # noqa: BLE001
+                self.content_parts = False
+                raise as_string from None
         bos = tokenizer.bos_token
         adds_own_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
         self.adds_bos = adds_own_bos and not probe[0][0][0].startswith(bos)
@@ -242,17 +255,27 @@ class ChatTemplate(Template):
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
+    def _message(self, role: str, text: str) -> dict:
+        """A message in the shape the template reads. A processor's template (llava-hf's, for one) reads
+        content as a list of parts: one `{"type": "image"}` per `<image>` tag, then the text without the
+        tags, as `processor.apply_chat_template` is given it; the template writes the image tokens itself."""
+        if not self.content_parts:
+            return {"role": role, "content": text}
+        images = [{"type": "image"}] * text.count(IMAGE_TAG)
+        rest = text.replace(IMAGE_TAG, "").strip() if images else text
+        return {"role": role, "content": [*images, {"type": "text", "text": rest}]}
+
     def _refuse(self, why: str) -> ValueError:
         return ValueError(f"the chat template of {self.name!r} {why}, so replies cannot be masked by prefix")
 
     def render(self, turns: list[tuple[str, str]]) -> list[list[Segment]]:
-        messages = [] if self.system is None else [{"role": "system", "content": self.system}]
+        messages = [] if self.system is None else [self._message("system", self.system)]
         rendered: list[list[Segment]] = []
         previous = ""
         for human, gpt in turns:
-            messages.append({"role": "user", "content": human})
+            messages.append(self._message("user", human))
             prompt = self._render(messages, add_generation_prompt=True)
-            messages.append({"role": "assistant", "content": gpt})
+            messages.append(self._message("assistant", gpt))
             full = self._render(messages, add_generation_prompt=False)
             if not prompt.startswith(previous):
                 raise self._refuse("rewrites earlier turns as the chat grows")
@@ -432,7 +455,9 @@ class ConversationEncoder:
         rendered = self.template.render(turns)
         last = rendered[-1]
         reply = next(i for i, (_, supervised) in enumerate(last) if supervised)
-        input_ids, _, _, _ = self._encode_segments([*rendered[:-1], last[:reply]], counts, opening)
+        prompt = [*rendered[:-1], last[:reply]]
+        input_ids, _, _, _ = self._encode_segments(prompt, counts, opening)
         if len(input_ids) > self.max_length:
             raise SampleError("too_long", f"the prompt has {len(input_ids)} tokens, max_length={self.max_length}")
-        return Encoded(input_ids, [IGNORE_INDEX] * len(input_ids), num_images)
+        text = (self.tokenizer.bos_token if opening else "") + "".join(t for turn in prompt for t, _ in turn)
+        return Encoded(input_ids, [IGNORE_INDEX] * len(input_ids), num_images, text)

@@ -147,7 +147,7 @@ class ExampleBuilder:
         sample_id = record.get("id")
         meta = {
             "id": None if sample_id is None else str(sample_id),
-            "prompt": str(messages[-1].get("value", "")),
+            "prompt": encoded.text,  # the rendered prompt, as the model read it
             "reference": reference,
         }
         ids = torch.tensor(encoded.input_ids)

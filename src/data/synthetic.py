@@ -240,7 +240,23 @@ def make_sample(index: int, seed: int, spec: SceneSpec) -> dict:
     }
 
 
-def write_split(out: Path, split: str, count: int, seed: int, per_shard: int, spec: SceneSpec) -> list[Path]:
+def make_predict_sample(index: int, seed: int, spec: SceneSpec) -> dict:
+    """A scene of `make_sample` asked one of its multiple-choice questions, as the demo trains on them
+    (the `mc` view: the image first, the question, its options, the option's text as the reply), so
+    `predict` asks what the demo learned; the question's kind rotates with the index."""
+    sample = make_sample(index, seed, spec)
+    record = json.loads(sample["json"])
+    mc = record["mc"][index % len(record["mc"])]
+    human = "<image>\n" + multiple_choice_prompt(mc["question"], mc["options"], DEMO_MC_FORMAT)
+    gpt = multiple_choice_answer(mc["options"], mc["answer"], DEMO_MC_FORMAT)
+    predict = {"id": f"{record['id']}_{mc['type']}", "conversations": [
+        {"from": "human", "value": human}, {"from": "gpt", "value": gpt}], "mc": [mc]}  # fmt: skip
+    return {"__key__": predict["id"], "jpg": sample["jpg"], "json": json.dumps(predict, separators=(",", ":")).encode()}
+
+
+def write_split(
+    out: Path, split: str, count: int, seed: int, per_shard: int, spec: SceneSpec, make=make_sample
+) -> list[Path]:
     """Write one split as shards named `{split}-000000.tar` ... and a sizes.json beside them."""
     import webdataset as wds
 
@@ -251,7 +267,7 @@ def write_split(out: Path, split: str, count: int, seed: int, per_shard: int, sp
         n = min(per_shard, count - start)
         with open(path, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0.0) as writer:
             for index in range(start, start + n):
-                writer.write(make_sample(index, seed, spec))
+                writer.write(make(index, seed, spec))
         paths.append(path)
         sizes[path.name] = n
     table_path = out / "sizes.json"  # samples per shard, so loaders know epoch sizes unread
@@ -307,10 +323,12 @@ def build_tokenizer(out: Path, texts: list[str]) -> Path:
 
 
 def generate_demo(out: Path, train: int, val: int, test: int, per_shard: int, spec: SceneSpec) -> None:
-    """The demo set: disjoint seeds per split, so no test scene was seen in training."""
+    """The demo set: disjoint seeds per split, so no test scene was seen in training; `predict` asks
+    one question of each test scene."""
     write_split(out, "train", train, seed=0, per_shard=per_shard, spec=spec)
     write_split(out, "val", val, seed=1, per_shard=per_shard, spec=spec)
     write_split(out, "test", test, seed=2, per_shard=per_shard, spec=spec)
+    write_split(out, "predict", test, seed=2, per_shard=per_shard, spec=spec, make=make_predict_sample)
     build_tokenizer(out / "tokenizer", demo_corpus(spec))
 
 

@@ -3,10 +3,11 @@
 Each process appends its rows to its own part file as batches finish (a crash keeps what
 was done); at the end rank 0 merges the parts in input order (each sample's index in the
 shards or JSON) into the final file and removes them, so 1 process and N processes write
-the same file. A line:
+the same file. `prompt` is the whole prompt as the model read it (the template's rendering, bos
+included, one `<image>` per image). A line:
 
     {"id": "...", "prompt": "...", "answer": "...", "reference": "..." | null, "finish": "eos" | "stop" | "length",
-     "model": "...", "settings": {"max_new_tokens": ..., "temperature": ..., "top_p": ..., "seed": ...,
+     "model": "<checkpoint> | init_from <weights> (no --ckpt_path) | untrained (no --ckpt_path)", "settings": {"max_new_tokens": ..., "temperature": ..., "top_p": ..., "seed": ...,
                                   "stop": [...], "template": ..., "system_prompt": ..., "max_length": ...}}
 """
 
@@ -54,6 +55,18 @@ def unique_ids(rows: list[dict]) -> int:
         taken.add(row["id"])
         renamed += 1
     return renamed
+
+
+def weights_loaded(pl_module: LightningModule | None) -> list[str]:
+    """Where a module's weights came from without a checkpoint: `init_from` and hub weights."""
+    hparams = getattr(pl_module, "hparams", {}) or {}
+    loaded = [f"init_from {hparams['init_from']}"] if hparams.get("init_from") else []
+    rebuilt = pl_module.rebuildable_parts() if hasattr(pl_module, "rebuildable_parts") else set()
+    for part, config in (("llm", "llm_config"), ("vision", "vision_config")):
+        name = getattr(getattr(pl_module, config, None), "name", None)
+        if part in rebuilt and name and part not in getattr(pl_module, "init_parts", set()):
+            loaded.append(f"{part} {name}")
+    return loaded
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -109,10 +122,15 @@ class PredictionWriter(BasePredictionWriter):
         settings.update({key: hparams[key] for key in DATA_SETTINGS if key in hparams})
         return settings
 
-    def model_label(self, trainer: Trainer) -> str:
+    def model_label(self, trainer: Trainer, pl_module: LightningModule | None = None) -> str:
+        """The weights that answered: the checkpoint, else what the config loaded (an imported model's
+        `init_from`, a hub LLM or tower), else "untrained"."""
         if self.model_name is not None:
             return self.model_name
-        return str(trainer.ckpt_path) if trainer.ckpt_path else "untrained (no --ckpt_path)"
+        if trainer.ckpt_path:
+            return str(trainer.ckpt_path)
+        loaded = weights_loaded(pl_module)
+        return f"{', '.join(loaded)} (no --ckpt_path)" if loaded else "untrained (no --ckpt_path)"
 
     def write_on_batch_end(
         self,
@@ -128,7 +146,7 @@ class PredictionWriter(BasePredictionWriter):
             return
         if self._settings is None:
             self._settings = self.settings(trainer, pl_module)
-            self._model = self.model_label(trainer)
+            self._model = self.model_label(trainer, pl_module)
         for row in prediction:
             line = {
                 "id": str(row["id"]),

@@ -79,10 +79,13 @@ def test_generate_demo_is_byte_identical(tmp_path, demo_dir):
     generate_demo(tmp_path, train=40, val=10, test=10, per_shard=10, spec=SceneSpec())
     names = sorted(p.name for p in demo_dir.glob("*.tar"))
     assert names == sorted(p.name for p in tmp_path.glob("*.tar"))
-    assert names == ["test-000000.tar"] + [f"train-00000{i}.tar" for i in range(4)] + ["val-000000.tar"]
+    assert names == ["predict-000000.tar", "test-000000.tar"] + [f"train-00000{i}.tar" for i in range(4)] + [
+        "val-000000.tar"
+    ]
     for name in names + ["sizes.json", "tokenizer/tokenizer.json"]:
         assert (tmp_path / name).read_bytes() == (demo_dir / name).read_bytes(), name
     assert json.loads((tmp_path / "sizes.json").read_text()) == {
+        "predict-000000.tar": 10,
         "test-000000.tar": 10,
         "train-000000.tar": 10,
         "train-000001.tar": 10,

@@ -52,7 +52,12 @@ def test_one_line_per_sample_with_its_id_prompt_reference_and_answer(demo_dir, s
     assert [line["id"] for line in lines] == [r["id"] for r in records]  # input order, ids unique
     assert len({line["id"] for line in lines}) == 10
     for line, record in zip(lines, records, strict=True):
-        assert line["prompt"] == record["conversations"][-2]["value"]
+        # the whole prompt as the model read it: bos, the earlier turns, the last question, the generation prompt
+        turns = record["conversations"][:-1]
+        history = "".join(
+            f"USER: {h['value']} ASSISTANT: {g['value']}</s>" for h, g in zip(turns[:-1:2], turns[1::2], strict=True)
+        )
+        assert line["prompt"] == f"<s> {history}USER: {turns[-1]['value']} ASSISTANT:"
         assert line["reference"] == record["conversations"][-1]["value"]
         assert isinstance(line["answer"], str) and line["finish"] in ("eos", "stop", "length")
         assert line["model"] == "tiny"
@@ -71,7 +76,9 @@ def test_one_line_per_sample_with_its_id_prompt_reference_and_answer(demo_dir, s
     from PIL import Image
 
     for line, record, (_, members) in list(zip(lines, records, read_tar(shards["test"][0]), strict=True))[:3]:
-        prompt = encoder.encode_prompt(record["conversations"][:-1], 1).input_ids
+        encoded = encoder.encode_prompt(record["conversations"][:-1], 1)
+        prompt = encoded.input_ids
+        assert line["prompt"] == encoded.text
         image = Image.open(__import__("io").BytesIO(members["jpg"])).convert("RGB")
         pixels = spec["image_transform"](image)
         pixels = pixels[None] if pixels.dim() == 3 else pixels
@@ -127,7 +134,7 @@ def test_llava_json_with_an_image_folder(demo_dir, tmp_path, jpeg_bytes):
         )
     assert [line["id"] for line in lines] == ["q-red", "1", "text", "q-red_2"]  # no id: its index; repeats renamed
     assert [line["reference"] for line in lines] == ["red", None, None, None]
-    assert lines[1]["prompt"] == "What colour is it?\n<image>"
+    assert lines[1]["prompt"] == "<s> USER: <image>\nWhat colour is it? ASSISTANT:"  # the tag moved as LLaVA does
     assert all(isinstance(line["answer"], str) for line in lines)
 
 
@@ -196,3 +203,21 @@ def test_cli_predict_writes_the_same_file_with_one_or_two_processes(tmp_path, sh
 
 
 # ---- the prompt view: a chat without its last reply, encoded as training saw it ----------------
+
+
+def test_the_model_field_names_the_weights_that_answered():
+    class Imported:  # what LlavaLitModule exposes about its weights
+        hparams = {"init_from": "imported/weights.pt"}
+        init_parts = {"vision", "projector", "llm"}
+
+        def rebuildable_parts(self):
+            return {"vision", "projector", "llm"}
+
+    class Trainer:
+        ckpt_path = None
+
+    writer = PredictionWriter()
+    assert writer.model_label(Trainer(), Imported()) == "init_from imported/weights.pt (no --ckpt_path)"
+    assert writer.model_label(Trainer(), object()) == "untrained (no --ckpt_path)"
+    Trainer.ckpt_path = "runs/x/last.ckpt"
+    assert writer.model_label(Trainer(), Imported()) == "runs/x/last.ckpt"

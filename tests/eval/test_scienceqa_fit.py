@@ -73,7 +73,11 @@ def test_predict_answers_every_converted_question_and_score_reads_the_file(tmp_p
     rows = {row["id"]: row for row in map(json.loads, preds.read_text().splitlines())}
     assert sorted(rows, key=int) == [str(pid) for pid in range(1, 9)]
     assert "Context: Look at the map." in rows["4"]["prompt"]
-    assert rows["4"]["prompt"].rstrip().endswith("Answer with the option's letter from the given choices directly.")
+    assert (
+        rows["4"]["prompt"]
+        .rstrip()
+        .endswith("Answer with the option's letter from the given choices directly. ASSISTANT:")
+    )
     assert rows["4"]["reference"] == "B"
     score(release, "test", preds, tmp_path / "report")
     report = json.loads((tmp_path / "report/report.json").read_text())
