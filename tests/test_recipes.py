@@ -309,8 +309,8 @@ MIX_RECORD = {  # llava_v1_5_mix665k.json's layout: a multi-turn chat about one 
 
 @pytest.mark.parametrize("recipe", [r for r in RECIPES if SPECS[r].template != "chat_template"])
 def test_recipe_data_settings_read_llava_records(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Stage 1 reads an LCS-558K record as its caption, stage 2 a mix665k chat with only the
-    replies supervised, each image padded to the tower's size and 576 tokens. (The Qwen
+    """Stage 1 reads an LCS-558K record as its caption (supervised as LLaVA's plain: caption and
+    newline, no eos), stage 2 a mix665k chat with only the replies (and their eos) supervised, each image padded to the tower's size and 576 tokens. (The Qwen
     recipe's chat_template needs Qwen's tokenizer, which cannot be downloaded here.)"""
     spec = SPECS[recipe]
     init_state = stage1_checkpoint(spec.stage1, monkeypatch) if spec.stage1 else None
@@ -325,11 +325,14 @@ def test_recipe_data_settings_read_llava_records(recipe: str, monkeypatch: pytes
     assert int((example.input_ids == module.image_token_id).sum()) == 576
     supervised = example.labels[example.labels >= 0].tolist()
     replies = [turn["value"] for turn in record["conversations"] if turn["from"] == "gpt"]
-    expected = [
-        i
-        for reply in replies
-        for i in tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ]
+    if spec.template == "plain":  # LLaVA's preprocess_plain: the caption and its "\n", no eos
+        expected = [i for reply in replies for i in tokenizer(reply + "\n", add_special_tokens=False)["input_ids"]]
+    else:
+        expected = [
+            i
+            for reply in replies
+            for i in tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ]
     assert supervised == expected
 
 
