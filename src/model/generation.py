@@ -23,15 +23,23 @@ import hashlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
 
 from src.model.language import lm_logits
 
-if TYPE_CHECKING:
-    from src.model.llava import LlavaModel
+
+class Embeds(Protocol):
+    """What generation needs of a model (LlavaModel is one): its input embeddings with the image
+    features spliced in, and its causal LM. A protocol, so generation does not import llava.py,
+    which imports generation."""
+
+    llm: PreTrainedModel
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor: ...
+
 
 FINISH_REASONS = ("eos", "stop", "length")
 
@@ -172,7 +180,7 @@ def choose_tokens(
 
 @torch.no_grad()
 def generate(
-    model: LlavaModel,
+    model: Embeds,
     input_ids: torch.Tensor,
     prompt_lengths: torch.Tensor,
     pixel_values: torch.Tensor | None,
