@@ -419,14 +419,7 @@ def liger_side(base_module, total_steps: int, batches: list[dict], device, dtype
             ).last_hidden_state  # fmt: skip
             flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
             loss = fused_loss(hf.lm_head.weight.to(flat.dtype), flat, batch["labels"][:, 1:].reshape(-1))
-        loss.backward()
-        for p in projector:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return _hf_update(loss, projector, optimizer, schedule)
 
     return Side("transformers + packing + Liger", step, list(hf.parameters()), optimizer, batches, device, dtype)
 
@@ -547,16 +540,22 @@ def baseline_side(hf, optimizer, schedule, batches, device, dtype) -> Side:
     def step(batch: dict) -> torch.Tensor:
         with _autocast(device, dtype):  # the forward only, as the HF Trainer's bf16
             loss = hf(**batch, use_cache=False).loss
-        loss.backward()
-        for p in projector:  # a text-only batch: LLaVA's dummy image gives the projector zero gradients
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return _hf_update(loss, projector, optimizer, schedule)
 
     return Side("baseline", step, list(hf.parameters()), optimizer, batches, device, dtype)
+
+
+def _hf_update(loss: torch.Tensor, projector: list, optimizer, schedule) -> torch.Tensor:
+    """Backward and one optimizer step for a transformers-Llava side. A text-only batch leaves the
+    projector without gradients; LLaVA's dummy image gives it zeros, so AdamW steps it alike."""
+    loss.backward()
+    for p in projector:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def check_losses(reference: Side, other: Side, rtol: float) -> float:

@@ -8,24 +8,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+from tests.benchmarks.scripts import load_script
 
-PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def check():
-    spec = importlib.util.spec_from_file_location("gpu_check_bench", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_check")
 
 
 def test_the_dry_run_runs_every_check_and_writes_one_json(check, tmp_path):

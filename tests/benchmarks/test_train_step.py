@@ -7,29 +7,21 @@ same weights, and any change of the math stops the benchmark with `LossMismatch`
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from src.data.conversation import IGNORE_INDEX
+from tests.benchmarks.scripts import load_script
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "train_step.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("train_step_bench", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_step")
 
 
 def test_every_variant_of_ours_computes_the_baselines_losses(bench, tmp_path):

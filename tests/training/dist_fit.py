@@ -92,6 +92,19 @@ class Losses(Callback):
         self.grad_norms.append(gradient_norm([p.grad for p in module.parameters() if p.grad is not None]))
 
 
+def tiny_module() -> LlavaLitModule:
+    """The 2-block ViT + 2-layer Llama every configuration trains (seed first for equal weights)."""
+    return LlavaLitModule(
+        str(ROOT / "data_shards/demo/tokenizer"),
+        vision={"name": "vit_tiny_patch16_224", "image_size": 64,
+                "kwargs": {"patch_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2}},
+        llm={"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                        "num_attention_heads": 2, "num_key_value_heads": 2}},
+        freeze=FreezeConfig(vision="full", projector="full", llm="full"),
+        optimizer=OptimizerConfig(lr=1e-3, warmup_steps=0, weight_decay=0.01),
+    )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", choices=["single", "ddp", "fsdp"], required=True)
@@ -106,15 +119,7 @@ def main() -> None:
     parser.add_argument("--resume", default=None, help="checkpoint (file or distributed folder) to resume from")
     args = parser.parse_args()
     seed_everything(0)
-    module = LlavaLitModule(
-        str(ROOT / "data_shards/demo/tokenizer"),
-        vision={"name": "vit_tiny_patch16_224", "image_size": 64,
-                "kwargs": {"patch_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2}},
-        llm={"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                        "num_attention_heads": 2, "num_key_value_heads": 2}},
-        freeze=FreezeConfig(vision="full", projector="full", llm="full"),
-        optimizer=OptimizerConfig(lr=1e-3, warmup_steps=0, weight_decay=0.01),
-    )  # fmt: skip
+    module = tiny_module()
     if args.strategy == "single":
         strategy, devices = "auto", 1
     elif args.strategy == "ddp":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_fit import make_rows
+from dist_fit import make_rows, tiny_module
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from src.data.stream import collate
 from src.training.accumulation import TokenWindow, scale_gradients
 from src.training.callbacks import TrainingTelemetry
-from src.training.module import FreezeConfig, LlavaLitModule, OptimizerConfig
+from src.training.module import LlavaLitModule
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,15 +61,7 @@ class Gradients(Callback):
 
 def tiny() -> LlavaLitModule:
     torch.manual_seed(0)
-    return LlavaLitModule(
-        str(ROOT / "data_shards/demo/tokenizer"),
-        vision={"name": "vit_tiny_patch16_224", "image_size": 64,
-                "kwargs": {"patch_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2}},
-        llm={"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                        "num_attention_heads": 2, "num_key_value_heads": 2}},
-        freeze=FreezeConfig(vision="full", projector="full", llm="full"),
-        optimizer=OptimizerConfig(lr=1e-3, warmup_steps=0, weight_decay=0.01),
-    )  # fmt: skip
+    return tiny_module()
 
 
 def fit(steps: list[list[list[int]]], poisoned: frozenset[tuple[int, int]] = frozenset()):
