@@ -92,6 +92,15 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
     return canvas
 
 
+def shortest_edge_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(w, h) with the shorter side at `size`, as CLIP's image processor resizes (transformers'
+    `get_resize_output_image_size`): the longer side truncated, `int(size * long / short)`, not
+    rounded, so a 640x427 photo becomes 503x336 (rounding gives 504) and every pixel matches."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(size * long / short)
+    return (size, new_long) if width <= height else (new_long, size)
+
+
 def _check_grids(grids: tuple[tuple[int, int], ...], size: int) -> None:
     for grid in grids:
         if len(grid) != 2 or any(side <= 0 or side % size for side in grid):
@@ -154,12 +163,11 @@ class ImageTransform:
         size = self.size
         if self.mode == "resize":
             return size, size
-        if self.mode == "pad":
-            scale = size / max(width, height)
-        elif self.mode == "resize_crop":
-            scale = size / min(width, height)
-        else:
+        if self.mode == "resize_crop":
+            return shortest_edge_size(width, height, size)
+        if self.mode != "pad":
             return None
+        scale = size / max(width, height)
         return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
 
     def _pad_and_resize(self, image: Image.Image) -> Image.Image:
@@ -191,8 +199,7 @@ class ImageTransform:
         if self.mode == "pad":
             return [self._pad_and_resize(image)]
         if self.mode == "resize_crop":
-            scale = size / min(image.size)
-            width, height = (max(size, round(side * scale)) for side in image.size)
+            width, height = shortest_edge_size(*image.size, size)
             image = image.resize((width, height), Image.Resampling.BICUBIC)
             left, top = (width - size) // 2, (height - size) // 2
             return [image.crop((left, top, left + size, top + size))]
