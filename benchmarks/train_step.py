@@ -368,7 +368,7 @@ def make_ours(base_module, variant: Variant, total_steps: int):
 def make_baseline(base_module, total_steps: int):
     """transformers' Llava with the module's weights (copied), trained as LLaVA stage 2 with the HF Trainer."""
     from src.export import to_transformers
-    from src.training.stage import warmup_cosine
+    from src.training.stage import lr_schedule
 
     hf = copy.deepcopy(to_transformers(base_module.model, base_module.image_token_id, len(base_module.tokenizer)))
     # LLaVA trains with flash_attention_2 when it is installed (train_mem.py): the same backend as ours
@@ -382,10 +382,7 @@ def make_baseline(base_module, total_steps: int):
     cfg = base_module.optimizer_config
     params = [p for p in hf.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=0.0)
-    warmup = max(cfg.warmup_steps or 0, 1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, warmup, total_steps, cfg.min_lr_ratio)
-    )
+    schedule = lr_schedule(optimizer, cfg, total_steps)  # the kit's: transformers' cosine with warm-up
     return hf, optimizer, schedule
 
 

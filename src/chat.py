@@ -60,6 +60,8 @@ class ChatSession:
         self.generation = generation
         self.max_new_tokens = generation.max_new_tokens or module.hparams.get("max_new_tokens", 32)
         self.pixels: torch.Tensor | None = None
+        self.image_size: tuple[int, int] | None = None  # (width, height) of the current image
+        self.token_count = module.model.image_token_count  # anyres: an image's tokens follow its size
         self.history: list[dict] = []
         self.turns = 0
 
@@ -67,14 +69,21 @@ class ChatSession:
         """A new conversation about this image (None: text only)."""
         self.history = []
         if path is None:
-            self.pixels = None
+            self.pixels = self.image_size = None
             return
         with Image.open(path) as image:
             view = self.transform(image.convert("RGB"))
+            self.image_size = image.size
         self.pixels = view[None] if view.dim() == 3 else view  # (views, 3, H, W)
 
     def reset(self) -> None:
         self.history = []
+
+    def _image_tokens(self) -> int:
+        """The current image's placeholder tokens, as the data pipeline counts them."""
+        if self.token_count is not None:
+            return self.token_count(*self.image_size)
+        return self.pixels.shape[0] * self.encoder.image_tokens
 
     def ask(self, question: str) -> str:
         """The model's reply to `question` after the history; both join the history."""
@@ -83,17 +92,18 @@ class ChatSession:
             text = f"{IMAGE_TAG}\n{text}"  # LLaVA's convention: the image before the first question
         messages = [*self.history, {"from": "human", "value": text}]
         images = 1 if self.pixels is not None else 0
-        counts = [self.pixels.shape[0] * self.encoder.image_tokens] if images else None
+        counts = [self._image_tokens()] if images else None
         encoded = self.encoder.encode_prompt(messages, num_images=images, image_tokens=counts)
         device = self.module.device
         ids = torch.tensor([encoded.input_ids], device=device)
         pixels = self.pixels.to(device) if images else None
+        sizes = torch.tensor([self.image_size[::-1]], device=device) if images else None  # (height, width)
         cfg = self.generation
         generators = row_generators(cfg.seed, [f"chat-{self.turns}"], device) if cfg.sampling else None
         (reply,) = generate(
             self.module.model, ids, torch.tensor([ids.shape[1]], device=device), pixels, self.max_new_tokens,
             self.tokenizer.eos_token_id, temperature=cfg.temperature, top_p=cfg.top_p, generators=generators,
-            stop=StopStrings(self.tokenizer, cfg.stop) if cfg.stop else None,
+            stop=StopStrings(self.tokenizer, cfg.stop) if cfg.stop else None, image_sizes=sizes,
         )  # fmt: skip
         answer = decode_reply(self.tokenizer, reply, cfg.stop)
         self.history = [*messages, {"from": "gpt", "value": answer or "..."}]

@@ -39,9 +39,8 @@ from src.model.projector import ProjectorConfig
 from src.model.vision import VISION_TOWERS
 from src.model.weights import (
     SPECIAL_CKPT_PATHS,
-    STATE_OR_CHECKPOINT,
     NotACheckpoint,
-    check_loadable,
+    check_init_from,
     read_checkpoint,
 )
 from src.training.module import LlavaLitModule
@@ -173,7 +172,7 @@ class KitCLI(LightningCLI):
             check_ckpt_path(config.get("ckpt_path"), subcommand)
             init_from = (_plain(config.get("model")) or {}).get("init_from")
             if init_from:  # its format only: its tensors are read once, when the model is built
-                check_loadable(init_from, "model.init_from", STATE_OR_CHECKPOINT)
+                check_init_from(init_from)  # a weights file, or a folder of shards (a LLaVA release)
         except (ValueError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(2) from None

@@ -29,7 +29,7 @@ from src.cli import main
 from src.data.datamodule import LlavaDataModule
 from src.training import module as module_file
 from src.training.module import LlavaLitModule
-from src.training.stage import kept_in_checkpoint, parameter_groups
+from src.training.stage import OptimizerConfig, kept_in_checkpoint, parameter_groups, warmup_steps_for
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
@@ -284,6 +284,38 @@ def test_the_llava15_parts_have_the_papers_numbers(monkeypatch: pytest.MonkeyPat
     assert model.vision.grid == (24, 24) and model.image_tokens == 576
     assert _count(model.projector) == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
     assert 6.6e9 < _count(model.llm) < 6.8e9 and 0.28e9 < _count(model.vision) < 0.31e9
+
+
+# What LLaVA's own scripts pass (haotian-liu/LLaVA scripts/v1_5/pretrain.sh, finetune.sh, finetune_lora.sh;
+# the same for 13B), as values: tests cannot fetch them. All three: 8 GPUs, --gradient_accumulation_steps 1,
+# --num_train_epochs 1, --weight_decay 0., --warmup_ratio 0.03, --lr_scheduler_type cosine, --model_max_length
+# 2048. Gradient clipping: none. The scripts run under DeepSpeed (--deepspeed ./scripts/zero2.json for stage 1,
+# zero3.json for stage 2), whose JSON holds no "gradient_clipping" key, so DeepSpeed's default 0.0 (off) holds;
+# the HF Trainer fills gradient_clipping from max_grad_norm only where the JSON says "auto", and accelerate's
+# clip_grad_norm_ does nothing under DeepSpeed.
+LLAVA_SCRIPTS = {  # stage -> (--per_device_train_batch_size, --learning_rate, --mm_projector_lr)
+    "stage1_align": (32, 1e-3, None),
+    "stage2_finetune": (16, 2e-5, None),
+    "stage2_lora": (16, 2e-4, 2e-5),
+}
+HF_TRAINER_STEPS = {LCS_558K: (2181, 66), MIX_665K: (5198, 156)}  # tests/training/test_lr_schedule.py derives them
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r.startswith("llava15_")])
+def test_llava15_recipes_train_as_llavas_scripts(recipe: str) -> None:
+    config, spec = parsed(recipe), SPECS[recipe]
+    trainer, data, optimizer = config["trainer"], config["data"], config["model"]["optimizer"]
+    per_device, lr, projector_lr = LLAVA_SCRIPTS[recipe.split("/")[1]]
+    assert trainer["gradient_clip_val"] is None  # LLaVA trains without clipping (zero2.json / zero3.json)
+    assert (trainer["devices"], trainer["num_nodes"], data["batch_size"]) == (8, 1, per_device)
+    assert optimizer["lr"] == lr and optimizer["part_lr"] == ({"projector": projector_lr} if projector_lr else {})
+    assert (optimizer["weight_decay"], optimizer["warmup_ratio"], optimizer["warmup_steps"]) == (0.0, 0.03, None)
+    assert optimizer["min_lr_ratio"] == 0.0 and tuple(optimizer["betas"]) == (0.9, 0.999)
+    # the schedule: whole global batches (one step fewer than the HF Trainer's), the same warm-up
+    steps = spec.samples // spec.global_batch
+    hf_steps, hf_warmup = HF_TRAINER_STEPS[spec.samples]
+    assert steps == hf_steps - 1
+    assert warmup_steps_for(OptimizerConfig(**optimizer), steps) == hf_warmup
 
 
 # ---- the data settings read LLaVA's own records ---------------------------------------------

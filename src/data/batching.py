@@ -36,6 +36,18 @@ def has_images(example: Example) -> bool:
     return example.pixel_values is not None and example.pixel_values.shape[0] > 0
 
 
+def stacked_image_sizes(examples: list[Example]) -> torch.Tensor | None:
+    """The examples' `image_sizes` (images, 2) stacked in the order their pixels are, or None when
+    no example carries them (every example built by `ExampleBuilder` with an image does)."""
+    sizes = [e.image_sizes for e in examples if e.pixel_values is not None and e.image_sizes is not None]
+    if not sizes:
+        return None
+    carried = sum(e.pixel_values is not None for e in examples)
+    if len(sizes) != carried:
+        raise ValueError(f"{carried - len(sizes)} of {carried} examples with images carry no image_sizes")
+    return torch.cat(sizes)
+
+
 def group_by_modality_length(examples: list[Example], batch_size: int, rng: random.Random) -> list[list[Example]]:
     """Batches of one modality and similar lengths, in an order shuffled by `rng`.
 
@@ -148,7 +160,8 @@ def collate_packed(rows: list[list[Example]], pad_id: int) -> dict:
     - `attention_mask` is None: transformers derives the per-example causal masks from
       `position_ids` only when no mask is given (an all-ones mask would let examples see
       each other).
-    - `pixel_values`: every example's views, row by row, in order, as the placeholders.
+    - `pixel_values`: every example's views, row by row, in order, as the placeholders;
+      `image_sizes` their images' (height, width), in the same order.
     - `seq_lens`: the examples' lengths per row (padding tails not included).
 
     Multiple-choice fields are not carried: packed batches are for training.
@@ -170,12 +183,14 @@ def collate_packed(rows: list[list[Example]], pad_id: int) -> dict:
             position_ids[r, start:end] = torch.arange(end - start)
             start = end
         position_ids[r, start:] = torch.arange(width - start)
-    pixels = [e.pixel_values for row in rows for e in row if e.pixel_values is not None]
+    examples = [e for row in rows for e in row]
+    pixels = [e.pixel_values for e in examples if e.pixel_values is not None]
     return {
         "input_ids": input_ids,
         "labels": labels,
         "position_ids": position_ids,
         "attention_mask": None,
         "pixel_values": torch.cat(pixels) if pixels else None,
+        "image_sizes": stacked_image_sizes(examples),
         "seq_lens": seq_lens,
     }

@@ -222,6 +222,7 @@ class LlavaDataModule(LightningDataModule):
             blank_images=hp.blank_images,
             mc_format=hp.mc_format,
             image_position=hp.image_position,
+            image_token_count=spec.get("image_token_count"),
         )
 
     def _spec(self) -> dict:

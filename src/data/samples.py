@@ -35,6 +35,9 @@ class Example:
     pixel_values: torch.Tensor | None  # (views of all images, 3, H, W); one view per image unless tiled
     mc: dict | None = field(default=None)  # candidates, answer, type, format for multiple choice
     meta: dict | None = field(default=None)  # prediction: id, prompt (text), reference; the stream adds key, index
+    image_sizes: torch.Tensor | None = field(default=None)
+    """(images, 2): each image's (height, width) as decoded, in order, as transformers' LlavaNext takes them;
+    anyres + unpad merges an image's views by it. None when the example has no image."""
 
 
 IMAGE_POSITIONS = ("first", "last")
@@ -73,7 +76,10 @@ class ExampleBuilder:
         blank_images: bool = False,
         mc_format: str = "letter",
         image_position: str = "first",
+        image_token_count: Callable[[int, int], int] | None = None,
     ) -> None:
+        """`image_token_count`: (width, height) -> an image's placeholder tokens, when they depend on its
+        size (anyres: `LlavaModel.image_token_count`); None: `encoder.image_tokens` per view."""
         if image_position not in IMAGE_POSITIONS:
             raise ValueError(f"unknown image_position {image_position!r}; choose one of {list(IMAGE_POSITIONS)}")
         self.image_position = image_position
@@ -88,6 +94,7 @@ class ExampleBuilder:
         self.image_transform = image_transform
         self.views = views
         self.blank_images = blank_images
+        self.image_token_count = image_token_count
 
     @property
     def draft_size(self) -> Callable[[int, int], tuple[int, int] | None] | None:
@@ -109,13 +116,17 @@ class ExampleBuilder:
         if self.blank_images:
             images = [Image.new("RGB", image.size, BLANK_GREY) for image in images]
         # a transform gives (3, H, W) or, tiling an image into crops (anyres), (views, 3, H, W);
-        # each view becomes the same number of tokens, spliced in order at its image's tag
+        # the image's tokens (every view's, or anyres' merge of them) are spliced at its tag
         views = [self.image_transform(image) for image in images]
         views = [v.unsqueeze(0) if v.dim() == 3 else v for v in views]
         pixels = (views[0] if len(views) == 1 else torch.cat(views)) if views else None
-        counts = [v.shape[0] * self.encoder.image_tokens for v in views]
+        sizes = torch.tensor([[image.height, image.width] for image in images], dtype=torch.long) if images else None
+        if self.image_token_count is None:
+            counts = [v.shape[0] * self.encoder.image_tokens for v in views]
+        else:
+            counts = [self.image_token_count(image.width, image.height) for image in images]
         if self.views == [PROMPT_VIEW]:
-            return [self._prompt_example(record, len(images), counts, pixels)]
+            return [self._prompt_example(record, len(images), counts, pixels, sizes)]
         if PROMPT_VIEW in self.views:
             raise ValueError(f"the {PROMPT_VIEW!r} view (prediction) cannot be combined with other views")
         examples = []
@@ -129,10 +140,14 @@ class ExampleBuilder:
             if mc is not None:
                 mc = {"candidates": self._candidates(mc["options"]), "answer": mc["answer"], "type": mc["type"],
                       "format": self.mc_format}  # fmt: skip
-            examples.append(Example(torch.tensor(encoded.input_ids), torch.tensor(encoded.labels), pixels, mc))
+            examples.append(
+                Example(torch.tensor(encoded.input_ids), torch.tensor(encoded.labels), pixels, mc, image_sizes=sizes)
+            )
         return examples
 
-    def _prompt_example(self, record: dict, num_images: int, counts: list[int], pixels) -> Example:
+    def _prompt_example(
+        self, record: dict, num_images: int, counts: list[int], pixels, sizes: torch.Tensor | None
+    ) -> Example:
         """The `prompt` view: the conversation up to its last human turn, encoded with the generation
         prompt; a final gpt turn is dropped and kept as the reference answer."""
         messages = records.conversation(record)
@@ -151,4 +166,4 @@ class ExampleBuilder:
             "reference": reference,
         }
         ids = torch.tensor(encoded.input_ids)
-        return Example(ids, torch.tensor(encoded.labels), pixels, meta=meta)
+        return Example(ids, torch.tensor(encoded.labels), pixels, meta=meta, image_sizes=sizes)

@@ -112,7 +112,9 @@ def _cat_shared(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def collate(examples: list[Example], pad_id: int) -> dict:
-    """Right-padded batch; all images of the batch stacked in sample order."""
+    """Right-padded batch; all images of the batch stacked in sample order, their sizes alike."""
+    from src.data.batching import stacked_image_sizes
+
     length = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
@@ -126,6 +128,7 @@ def collate(examples: list[Example], pad_id: int) -> dict:
         "labels": labels,
         "attention_mask": attention_mask,
         "pixel_values": _cat_shared(pixels) if pixels else None,
+        "image_sizes": stacked_image_sizes(examples),
     }
     if any(e.mc is not None for e in examples):
         batch["mc_answer"] = torch.tensor([e.mc["answer"] if e.mc else -1 for e in examples])

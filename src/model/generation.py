@@ -38,7 +38,9 @@ class Embeds(Protocol):
 
     llm: PreTrainedModel
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor: ...
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
 
 
 FINISH_REASONS = ("eos", "stop", "length")
@@ -191,11 +193,13 @@ def generate(
     generators: Sequence[torch.Generator] | None = None,
     stop: StopStrings | None = None,
     all_done: Callable[[bool], bool] | None = None,
+    image_sizes: torch.Tensor | None = None,
 ) -> list[Generated]:
     """Replies to right-padded prompts: row r's prompt is `input_ids[r, :prompt_lengths[r]]`.
 
     `pixel_values` holds every image of `input_ids` (prompt or not) in row order, as the data
-    pipeline stacks them; what follows a prompt in its row is never seen. A row ends at an
+    pipeline stacks them, and `image_sizes` their (height, width) (anyres + unpad only); what
+    follows a prompt in its row is never seen. A row ends at an
     eos (not returned), when its decoded text holds a stop string (`stop`), or after
     `max_new_tokens`; finished rows leave the batch (and its KV cache).
 
@@ -213,7 +217,7 @@ def generate(
         device=input_ids.device,
     )
     prompt_lengths = prompt_lengths.to(input_ids.device)
-    embeddings, mask = left_pad(model.embed(input_ids, pixel_values), prompt_lengths)
+    embeddings, mask = left_pad(model.embed(input_ids, pixel_values, image_sizes), prompt_lengths)
     decoder = model.llm.get_decoder()
     table = model.llm.get_input_embeddings()
     cache = DynamicCache(config=decoder.config)

@@ -3,6 +3,11 @@
 Plain PyTorch; Lightning lives in `src/training`. Each `<image>` tag has already been
 expanded by the data pipeline into as many placeholder ids as the image has tokens, so
 splicing is one masked scatter, and a batch may mix samples with and without images.
+
+With `image_mode: anyres` and `anyres_merge: unpad` (LLaVA-NeXT) an image's token count
+follows its size: the batch then carries `image_sizes` (images, 2), (height, width) per
+image as transformers' LlavaNext takes them, and the views' features are merged per image
+(`src.model.anyres`) before the scatter.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 from torch import nn
 
 from src.data.conversation import IGNORE_INDEX
+from src.model.anyres import AnyresLayout, ImageNewline, grid_side
 from src.model.generation import Generated
 from src.model.generation import generate as generate_replies
 from src.model.language import SDPA_BY_EXAMPLE, lm_logits, packed_segments
@@ -88,11 +94,68 @@ class LlavaModel(nn.Module):
         self.projector = projector
         self.llm = llm
         self.image_token_id = image_token_id
+        self.anyres_layout = self._anyres_layout()
+        if self.anyres_layout is not None and self.anyres_layout.merge == "unpad":
+            # a module of the projector: it trains, freezes, checkpoints and loads with it (`ImageNewline`)
+            hidden = llm.get_input_embeddings().embedding_dim
+            projector.add_module("anyres", ImageNewline(hidden, self.anyres_layout))
+
+    def _anyres_layout(self) -> AnyresLayout | None:
+        """The anyres token layout, or None for the other image modes (one view, `image_tokens` each)."""
+        if getattr(self.vision, "image_mode", None) != "anyres":
+            return None
+        transform = self.vision.image_transform()
+        merge = getattr(self.vision, "anyres_merge", "unpad")
+        tokens = self.projector.num_tokens
+        if merge == "unpad":  # the clear error first: a layout checks only that the count is square
+            grid_side(tokens, getattr(self.projector, "prefix_tokens", 0), f"projector {type(self.projector).__name__}")
+        return AnyresLayout(transform.size, transform.grids, tokens, merge)
 
     @property
     def image_tokens(self) -> int:
-        """Placeholder tokens one image becomes in the sequence."""
+        """Placeholder tokens one view of an image becomes in the sequence (anyres: see `image_token_count`)."""
         return self.projector.num_tokens
+
+    @property
+    def unpads(self) -> bool:
+        """Whether images are merged LLaVA-NeXT's way (anyres + unpad), which needs `image_sizes`."""
+        return self.anyres_layout is not None and self.anyres_layout.merge == "unpad"
+
+    @property
+    def image_token_count(self) -> AnyresLayout | None:
+        """anyres: (width, height) -> the image's placeholder tokens, picklable, for the data pipeline;
+        None for the other modes, whose images all take `image_tokens` per view."""
+        return self.anyres_layout
+
+    def image_spans(
+        self, input_ids: torch.Tensor, image_sizes: torch.Tensor | None = None
+    ) -> list[tuple[slice, slice]]:
+        """Per row of a batch: (its views in `pixel_values`, its images in `image_sizes`), from its placeholders.
+
+        For picking rows out of a batch (`SampleGenerations`): one view per image, `image_tokens` each,
+        unless anyres, whose images take `image_token_count(width, height)` tokens and `views_for` views.
+        """
+        slots = (input_ids == self.image_token_id).sum(dim=1).tolist()
+        layout = self.anyres_layout
+        if layout is None:
+            starts = [sum(slots[:row]) // self.image_tokens for row in range(len(slots) + 1)]
+            return [(slice(starts[row], starts[row + 1]),) * 2 for row in range(len(slots))]
+        if image_sizes is None:
+            raise ValueError("anyres rows need image_sizes to tell which views are whose")
+        sizes = [(int(w), int(h)) for h, w in image_sizes.tolist()]
+        spans, view, image = [], 0, 0
+        for wanted in slots:
+            first_view, first_image = view, image
+            while wanted > 0:
+                if image == len(sizes):
+                    raise ValueError("the batch has more image placeholder tokens than its image_sizes make")
+                wanted -= layout.tokens_for(*sizes[image])
+                view += layout.views_for(*sizes[image])
+                image += 1
+            if wanted:
+                raise ValueError("a row's image placeholder tokens do not end where an image's do")
+            spans.append((slice(first_view, view), slice(first_image, image)))
+        return spans
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, 3, H, W) -> (images, tokens, llm hidden)."""
@@ -104,7 +167,22 @@ class LlavaModel(nn.Module):
                 features = self.vision(pixel_values)
         return self.projector(features.to(_dtype_of(self.projector, features.dtype)))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """(views, 3, H, W) -> (image tokens, llm hidden), in placeholder order: every view's tokens,
+        or under anyres + unpad each image's views merged (`src.model.anyres`) by its `image_sizes`."""
+        features = self.encode_images(pixel_values)
+        if not self.unpads:
+            return features.reshape(-1, features.shape[-1])
+        if image_sizes is None:
+            raise ValueError(
+                "image_mode anyres with anyres_merge unpad needs image_sizes (images, 2), each image's (height, "
+                "width), to merge its views; batches from the kit's data pipeline carry them"
+            )
+        return self.projector.anyres(features, image_sizes)
+
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None = None
+    ) -> torch.Tensor:
         embeddings = self.llm.get_input_embeddings()(input_ids)
         slots = input_ids == self.image_token_id
         n_slots = int(slots.sum())
@@ -112,22 +190,25 @@ class LlavaModel(nn.Module):
             if n_slots:
                 raise ValueError(f"{n_slots} image placeholder tokens but no images in the batch")
             if self.encode_always:
-                return (
-                    embeddings + self.encode_images(self._blank_image(embeddings.device)).sum().to(embeddings.dtype) * 0
-                )
+                blank = self.image_features(*self._blank_image(embeddings.device))
+                return embeddings + blank.sum().to(embeddings.dtype) * 0
             return embeddings + self._touch_image_path() if torch.is_grad_enabled() else embeddings
-        features = self.encode_images(pixel_values)
-        if features.shape[0] * features.shape[1] != n_slots:
+        features = self.image_features(pixel_values, image_sizes)
+        if features.shape[0] != n_slots:
+            views = pixel_values.shape[0]
+            images = f"{image_sizes.shape[0]} images ({views} views)" if self.unpads else f"{views} images"
             raise ValueError(
-                f"{features.shape[0]} images make {features.shape[0] * features.shape[1]} tokens "
-                f"but the batch has {n_slots} image placeholder tokens"
+                f"{images} make {features.shape[0]} tokens but the batch has {n_slots} image placeholder tokens"
             )
         # row-major order of the slots = sample order, then image order within a sample
         return embeddings.masked_scatter(slots.unsqueeze(-1), features.to(embeddings.dtype))
 
-    def _blank_image(self, device: torch.device) -> torch.Tensor:
+    def _blank_image(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A black image of the input size, as pixels and (for unpad) its size: it runs every unit a real one does."""
         size = self.vision.image_transform().size
-        return torch.zeros(1, 3, size, size, device=device)
+        views = 1 if self.anyres_layout is None else self.anyres_layout.views_for(size, size)
+        sizes = torch.tensor([[size, size]], device=device) if self.unpads else None
+        return torch.zeros(views, 3, size, size, device=device), sizes
 
     def _touch_image_path(self) -> torch.Tensor | float:
         """A zero that depends on every trainable parameter of the tower and projector.
@@ -148,6 +229,7 @@ class LlavaModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> LlavaOutput:
         """`position_ids` without an `attention_mask` is a packed batch (`src.data.batching`).
 
@@ -156,8 +238,9 @@ class LlavaModel(nn.Module):
         it attends within each example without computing the masked rest of the row; flash
         attention infers examples from positions only for a single row, so for it the rows are
         run as one row, with the examples' boundaries handed over (`flatten_packed`).
+        `image_sizes`: (images, 2) (height, width), needed by anyres + unpad only.
         """
-        embeddings = self.embed(input_ids, pixel_values)
+        embeddings = self.embed(input_ids, pixel_values, image_sizes)
         decoder = self.llm.get_decoder()
         packed = position_ids is not None and attention_mask is None
         if packed and uses_flash_attention(decoder.config):
@@ -206,13 +289,14 @@ class LlavaModel(nn.Module):
         prompt_lengths: torch.Tensor,
         pixel_values: torch.Tensor | None,
         candidates: list[list[list[int]]],
+        image_sizes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Log-likelihood of each candidate reply after each row's prompt: (rows, max options).
 
         The images are encoded once; every candidate continues its row's prompt embeddings.
         Rows with fewer candidates are padded with -inf.
         """
-        embeddings = self.embed(input_ids, pixel_values)
+        embeddings = self.embed(input_ids, pixel_values, image_sizes)
         table = self.llm.get_input_embeddings()
         pieces, targets, owners = [], [], []
         for row, options in enumerate(candidates):
@@ -250,13 +334,15 @@ class LlavaModel(nn.Module):
         max_new_tokens: int,
         eos_token_id: int,
         all_done: Callable[[bool], bool] | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> list[list[int]]:
         """Greedy replies to right-padded prompts (row r's prompt: `input_ids[r, :prompt_lengths[r]]`),
         eos stripped. One generation path: `src.model.generation.generate` (left padding, KV cache),
         which also samples and stops at strings. `all_done`: see there (FSDP: ranks step together)."""
         replies = generate_replies(
-            self, input_ids, prompt_lengths, pixel_values, max_new_tokens, eos_token_id, all_done=all_done
-        )
+            self, input_ids, prompt_lengths, pixel_values, max_new_tokens, eos_token_id, all_done=all_done,
+            image_sizes=image_sizes,
+        )  # fmt: skip
         return [reply.tokens for reply in replies]
 
     @torch.no_grad()

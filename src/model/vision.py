@@ -36,6 +36,8 @@ from src.registry import Registry
 
 FEATURE_SELECTS = ("patch", "cls_patch")
 IMAGE_MODES = ("resize", "resize_crop", "pad", "anyres")
+ANYRES_MERGES = ("unpad", "flat")
+"""How anyres views become tokens (`src.model.anyres`): LLaVA-NeXT's `spatial_unpad` or its `flat`."""
 DEFAULT_TIMM_MODEL = "vit_base_patch16_224"
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -257,6 +259,11 @@ class VisionConfig:
     anyres_grids: list[tuple[int, int]] | None = None
     """anyres canvases [width, height] in pixels, multiples of the input size s; unset: [[2s, s],
     [s, 2s], [2s, 2s], [3s, s], [s, 3s]]."""
+    anyres_merge: str = "unpad"
+    """anyres only: `unpad` (LLaVA-NeXT, transformers' LlavaNext: the crops' token grids joined into one
+    map, cut to the image's own aspect, a learned newline embedding after each row, the base view first;
+    the token count follows the image's size) or `flat` (every view's tokens in order, the same count
+    per view). unpad needs a projector whose tokens form a square grid."""
     mean: tuple[float, float, float] | None = None
     """Normalisation mean; unset: the model's own (timm pretrained_cfg, hf preprocessor_config.json or
     per-model-type defaults)."""
@@ -269,8 +276,16 @@ class VisionConfig:
     """timm: extra `timm.create_model` arguments (patch_size, embed_dim, depth ...). hf: extra
     `from_pretrained` / `from_config` arguments (attn_implementation ...)."""
 
+    def __post_init__(self) -> None:
+        if self.anyres_merge not in ANYRES_MERGES:
+            raise ValueError(f"unknown vision.anyres_merge {self.anyres_merge!r}; choose one of {list(ANYRES_MERGES)}")
+        if self.anyres_merge != "unpad" and self.image_mode != "anyres":
+            raise ValueError(
+                f"vision.anyres_merge {self.anyres_merge!r} applies to image_mode anyres only, not {self.image_mode!r}"
+            )
 
-_COMMON_FIELDS = {"type", "feature_select", "image_size", "image_mode", "anyres_grids"}
+
+_COMMON_FIELDS = {"type", "feature_select", "image_size", "image_mode", "anyres_grids", "anyres_merge"}
 USED_FIELDS = {
     "timm": _COMMON_FIELDS | {"name", "pretrained", "feature_layer", "mean", "std", "kwargs"},
     "hf": _COMMON_FIELDS
@@ -340,6 +355,7 @@ class VisionTower(nn.Module):
             raise ValueError(f"unknown image_mode {config.image_mode!r}; choose one of {list(IMAGE_MODES)}")
         self.image_mode = config.image_mode
         self.anyres_grids = tuple(tuple(grid) for grid in config.anyres_grids or ())
+        self.anyres_merge = config.anyres_merge
         self.mean_override = config.mean
         self.std_override = config.std
         self.keep_prefix = config.feature_select == "cls_patch"
@@ -741,7 +757,9 @@ class FusedVisionTower(VisionTower):
                 raise ValueError(f"{where}: {error}") from error
             if sub.type == "fused":
                 raise ValueError(f"{where}: a fused tower's towers cannot be fused themselves")
-            stray = [f for f in ("image_mode", "anyres_grids") if getattr(sub, f) != getattr(_DEFAULTS, f)]
+            stray = [
+                f for f in ("image_mode", "anyres_grids", "anyres_merge") if getattr(sub, f) != getattr(_DEFAULTS, f)
+            ]
             if stray:
                 raise ValueError(f"{where}: set {stray} on the fused config, which makes the pixels of all towers")
             if sub.feature_select != "patch":

@@ -524,12 +524,6 @@ class TrainingTelemetry(Callback):
             logger.log_metrics(metrics, step=trainer.global_step - 1)  # where Lightning logs this step's loss
 
 
-def image_views_per_row(input_ids: torch.Tensor, image_token_id: int, image_tokens: int) -> list[int]:
-    """Image views of each row: its placeholders over the tokens one view becomes (views of a
-    batch are stacked row by row, in placeholder order)."""
-    return [int(n) // image_tokens for n in (input_ids == image_token_id).sum(dim=1).tolist()]
-
-
 def readable_prompt(ids: list[int], tokenizer, image_token_id: int) -> str:
     """A prompt's text with each run of image placeholders shown as one `<image>`."""
     pieces: list[str] = []
@@ -615,6 +609,7 @@ class SampleGenerations(Callback):
             "input_ids": batch["input_ids"].cpu(),
             "labels": labels.cpu(),
             "pixel_values": None if batch.get("pixel_values") is None else batch["pixel_values"].cpu(),
+            "image_sizes": None if batch.get("image_sizes") is None else batch["image_sizes"].cpu(),
             "rows": answered,
         }
 
@@ -647,18 +642,20 @@ class SampleGenerations(Callback):
         """Greedy answers of the picked rows; their texts and first images."""
         model, tokenizer = pl_module.model, pl_module.tokenizer
         ids, labels, pixels, rows = picked["input_ids"], picked["labels"], picked["pixel_values"], picked["rows"]
-        views = image_views_per_row(ids, pl_module.image_token_id, model.image_tokens)
-        starts = [sum(views[:row]) for row in range(len(views))]
+        sizes = picked.get("image_sizes")
+        spans = model.image_spans(ids, sizes)  # per row: its views, its images
+        views = [span[0] for span in spans]
         mine = torch.tensor(rows)
-        selected = None
-        if pixels is not None and sum(views[row] for row in rows):
-            selected = torch.cat([pixels[starts[row] : starts[row] + views[row]] for row in rows])
-            selected = selected.to(pl_module.device)
+        selected = selected_sizes = None
+        if pixels is not None and any(views[row].stop > views[row].start for row in rows):
+            selected = torch.cat([pixels[views[row]] for row in rows]).to(pl_module.device)
+            if sizes is not None:
+                selected_sizes = torch.cat([sizes[spans[row][1]] for row in rows]).to(pl_module.device)
         prompt_lengths = (labels[mine] != IGNORE_INDEX).int().argmax(dim=1)
         max_new = self.max_new_tokens or pl_module.hparams.get("max_new_tokens", 32)
         answers = model.generate(
             ids[mine].to(pl_module.device), prompt_lengths.to(pl_module.device), selected, max_new,
-            tokenizer.eos_token_id,
+            tokenizer.eos_token_id, image_sizes=selected_sizes,
         )  # fmt: skip
         transform = model.vision.image_transform()
         texts, images = [], []
@@ -667,7 +664,8 @@ class SampleGenerations(Callback):
             reference = tokenizer.decode(labels[row][labels[row] != IGNORE_INDEX].tolist(), skip_special_tokens=True)
             generated = tokenizer.decode(answers[k], skip_special_tokens=True)
             texts.append(sample_text(prompt, generated, reference))
-            images.append(unnormalise(pixels[starts[row]], transform.mean, transform.std) if views[row] else None)
+            has_view = views[row].stop > views[row].start
+            images.append(unnormalise(pixels[views[row].start], transform.mean, transform.std) if has_view else None)
         return texts, images
 
 

@@ -36,6 +36,7 @@ from src.training.stage import (  # noqa: F401  (FreezeConfig, OptimizerConfig, 
     apply_freeze,
     check_stage,
     kept_in_checkpoint,
+    lr_schedule,
     parameter_groups,
     warmup_cosine,
 )
@@ -242,6 +243,7 @@ class LlavaLitModule(LightningModule):
             "tokenizer": self.tokenizer,
             "image_transform": self.model.vision.image_transform(),
             "image_tokens": self.model.image_tokens,
+            "image_token_count": self.model.image_token_count,  # anyres: tokens per image follow its size
         }
 
     # ---- steps ----------------------------------------------------------------------
@@ -253,6 +255,7 @@ class LlavaLitModule(LightningModule):
             batch.get("pixel_values"),
             batch.get("labels"),
             position_ids=batch.get("position_ids"),
+            image_sizes=batch.get("image_sizes"),
         )
 
     def _count_skips(self, batch: dict, stage: str) -> None:
@@ -380,6 +383,7 @@ class LlavaLitModule(LightningModule):
                 batch["input_ids"], prompt_lengths, batch.get("pixel_values"),
                 self.hparams.max_new_tokens, self.tokenizer.eos_token_id,
                 all_done=self._all_ranks_done if self.device_mesh is not None else None,
+                image_sizes=batch.get("image_sizes"),
             )  # fmt: skip
             picked = []
             for reply, options in zip(replies, candidates, strict=True):
@@ -389,8 +393,9 @@ class LlavaLitModule(LightningModule):
             predicted = torch.tensor(picked, device=rows.device)
         else:
             scores = self.model.score_candidates(
-                batch["input_ids"], prompt_lengths, batch.get("pixel_values"), candidates
-            )
+                batch["input_ids"], prompt_lengths, batch.get("pixel_values"), candidates,
+                image_sizes=batch.get("image_sizes"),
+            )  # fmt: skip
             predicted = scores.argmax(dim=1)
         return predicted, batch["mc_answer"], list(batch["mc_type"])
 
@@ -412,6 +417,7 @@ class LlavaLitModule(LightningModule):
             settings["max_new_tokens"], self.tokenizer.eos_token_id, temperature=cfg.temperature, top_p=cfg.top_p,
             generators=generators, stop=StopStrings(self.tokenizer, cfg.stop) if cfg.stop else None,
             all_done=self._all_ranks_done if self.device_mesh is not None else None,
+            image_sizes=batch.get("image_sizes"),
         )  # fmt: skip
         return [
             {
@@ -479,8 +485,5 @@ class LlavaLitModule(LightningModule):
             fused = all(p.is_cuda for g in groups for p in g["params"])
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, max(warmup, 1), total, cfg.min_lr_ratio)
-        )
+        schedule = lr_schedule(optimizer, cfg, total)  # transformers' cosine with warm-up, step for step
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -153,6 +153,10 @@ def shard_model(model: nn.Module, mesh, config: FSDPConfig) -> list[str]:
         units.append(f"vision.block{i}")
     fully_shard(model.vision, **options)
     units.append("vision")
+    newline = getattr(model.projector, "anyres", None)  # anyres unpad's image_newline: run outside the projector
+    if newline is not None:
+        fully_shard(newline, **options)
+        units.append("projector.anyres")
     fully_shard(model.projector, **options)
     units.append("projector")
     for i, layer in enumerate(decoder_layers(model)):

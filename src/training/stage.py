@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
 
 PARTS = ("vision", "projector", "llm")
 PART_MODES = {
@@ -45,7 +47,7 @@ class OptimizerConfig:
     """Applied to matrices only, never to biases, norms or embeddings' 1-D parameters."""
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_ratio: float = 0.03
-    """Fraction of all steps spent warming up linearly from 0."""
+    """Fraction of all steps spent warming up linearly from 0 (rounded up, as the HF Trainer does)."""
     warmup_steps: int | None = None
     """Warm-up steps; overrides warmup_ratio when set."""
     min_lr_ratio: float = 0.0
@@ -121,12 +123,31 @@ def parameter_groups(model: nn.Module, optimizer: OptimizerConfig) -> list[dict]
     return groups
 
 
+def warmup_steps_for(optimizer: OptimizerConfig, total: int) -> int:
+    """`warmup_steps`, else ceil(`warmup_ratio` x total steps): the HF Trainer's count
+    (`TrainingArguments.get_warmup_steps`), so a LLaVA recipe warms up as long as LLaVA does
+    (stage 1: ceil(0.03 x 2,180) = 66, LLaVA's ceil(0.03 x 2,181) = 66)."""
+    if optimizer.warmup_steps is not None:
+        return optimizer.warmup_steps
+    return math.ceil(total * optimizer.warmup_ratio)
+
+
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Multiplier of the peak learning rate at `step`."""
+    """Multiplier of the peak learning rate at `step` (0-based): the same numbers as transformers'
+    `get_cosine_schedule_with_warmup` (the HF Trainer's `cosine`, which LLaVA trains with), so the
+    first step runs at 0 and step `warmup` at the peak; then a half cosine down to `min_ratio` at
+    `total` (transformers' `get_cosine_with_min_lr_schedule_with_warmup`), held there after it."""
     if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return float(step) / float(max(1, warmup))
+    progress = min(1.0, float(step - warmup) / float(max(1, total - warmup)))
+    factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(0.0, factor * (1 - min_ratio) + min_ratio)
+
+
+def lr_schedule(optimizer: Optimizer, config: OptimizerConfig, total: int) -> LambdaLR:
+    """Linear warm-up then cosine over `total` optimizer steps, stepped once per step."""
+    warmup = warmup_steps_for(config, total)
+    return LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total, config.min_lr_ratio))
 
 
 def kept_in_checkpoint(model: nn.Module, rebuildable: set[str]) -> set[str]:

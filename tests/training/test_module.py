@@ -36,8 +36,8 @@ TINY = {
 
 
 def test_warmup_then_cosine_to_the_floor():
-    assert warmup_cosine(0, 10, 110, 0.1) == pytest.approx(0.1)
-    assert warmup_cosine(9, 10, 110, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(0, 10, 110, 0.1) == 0.0  # the first step at lr 0, as transformers' schedule
+    assert warmup_cosine(9, 10, 110, 0.1) == pytest.approx(0.9)
     assert warmup_cosine(10, 10, 110, 0.1) == pytest.approx(1.0)
     assert warmup_cosine(60, 10, 110, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert warmup_cosine(110, 10, 110, 0.1) == pytest.approx(0.1)
@@ -195,11 +195,17 @@ def test_a_lora_run_checkpoints_and_reloads(tmp_path: Path, shards):
 
 
 @pytest.mark.parametrize(
-    ("mode", "views"),
-    [("anyres", [3, 5]), ("pad", [1, 1])],  # anyres: a global view + 2 crops (wide), + 4 crops (large square)
+    ("mode", "merge", "views", "tokens"),
+    [
+        # anyres: a global view + 2 crops (wide), + 4 crops (large square); unpad (LLaVA-NeXT) keeps the 2
+        # middle rows of the 64x32 canvas' 8x4 token map that the 96x24 image covers, each + a newline
+        ("anyres", "unpad", [3, 5], [16 + 2 * 9, 16 + 8 * 9]),
+        ("anyres", "flat", [3, 5], [16 * 3, 16 * 5]),
+        ("pad", "unpad", [1, 1], [16, 16]),
+    ],
 )
-def test_images_of_any_shape_train_end_to_end_through_the_data_spec(mode, views):
-    """Tower -> transform -> encoder -> collate -> model: every view's tokens land at its image's tag."""
+def test_images_of_any_shape_train_end_to_end_through_the_data_spec(mode, merge, views, tokens):
+    """Tower -> transform -> encoder -> collate -> model: every image's tokens land at its tag."""
     from PIL import Image
 
     from src.data.conversation import ConversationEncoder, build_template
@@ -208,15 +214,16 @@ def test_images_of_any_shape_train_end_to_end_through_the_data_spec(mode, views)
 
     clip = {"model_type": "clip_vision_model", "image_size": 32, "patch_size": 8, "hidden_size": 32,
             "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}  # fmt: skip
-    vision = VisionConfig(type="hf", config=clip, image_mode=mode, anyres_grids=[[64, 32], [32, 64], [64, 64]])
+    grids = [[64, 32], [32, 64], [64, 64]] if mode == "anyres" else None
+    vision = VisionConfig(type="hf", config=clip, image_mode=mode, anyres_grids=grids, anyres_merge=merge)
     module = LlavaLitModule(TOKENIZER, vision=vision, llm=TINY["llm"], freeze=FreezeConfig(vision="full"))
     spec = module.data_spec()
     assert spec["image_tokens"] == 16  # a 4x4 grid per view, CLS dropped
     transform = spec["image_transform"]
-    images = [Image.new("RGB", (96, 40), (200, 0, 0)), Image.new("RGB", (90, 90), (0, 0, 200))]
+    images = [Image.new("RGB", (96, 24), (200, 0, 0)), Image.new("RGB", (90, 90), (0, 0, 200))]
     assert [transform.views_for(*image.size) for image in images] == views
     encoder = ConversationEncoder(spec["tokenizer"], build_template("vicuna_v1", ""), spec["image_tokens"])
-    builder = ExampleBuilder(encoder, transform, "caption")
+    builder = ExampleBuilder(encoder, transform, "caption", image_token_count=spec["image_token_count"])
     examples = [
         builder({"caption": "a red square"}, [images[0]])[0],
         builder({"caption": "a blue circle"}, [images[1]])[0],
@@ -224,12 +231,20 @@ def test_images_of_any_shape_train_end_to_end_through_the_data_spec(mode, views)
     batch = collate(examples, spec["tokenizer"].pad_token_id)
     assert batch["pixel_values"].shape == (sum(views), 3, 32, 32)
     placeholders = (batch["input_ids"] == module.image_token_id).sum(dim=1).tolist()
-    assert placeholders == [16 * v for v in views]
-    out = module.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+    assert placeholders == tokens
+    assert batch["image_sizes"].tolist() == [[24, 96], [90, 90]]  # (height, width), as transformers'
+    out = module.model(
+        batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
+        image_sizes=batch["image_sizes"],
+    )  # fmt: skip
     out.loss.backward()
     assert torch.isfinite(out.loss)
     grads = [p.grad for p in module.model.vision.wrap_modules()[0].parameters()]
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    newline = getattr(module.model.projector, "anyres", None)
+    assert (newline is not None) == (mode == "anyres" and merge == "unpad")
+    if newline is not None:  # the learned row end trains with the projector
+        assert newline.image_newline.requires_grad and newline.image_newline.grad.abs().sum() > 0
 
 
 def test_a_packed_batch_trains_a_step():
@@ -241,7 +256,9 @@ def test_a_packed_batch_trains_a_step():
     from src.data.conversation import IGNORE_INDEX
     from src.data.samples import Example
 
-    module = LlavaLitModule(TOKENIZER, freeze=FreezeConfig(vision="full", projector="full", llm="full"), **TINY)
+    full = FreezeConfig(vision="full", projector="full", llm="full")
+    # no warm-up: with one, the first step runs at lr 0 (transformers' schedule) and changes nothing
+    module = LlavaLitModule(TOKENIZER, freeze=full, optimizer=OptimizerConfig(warmup_steps=0), **TINY)
     spec = module.data_spec()
     tokens = spec["image_tokens"]
     generator = torch.Generator().manual_seed(0)
