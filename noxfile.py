@@ -10,6 +10,12 @@ LMMS_EVAL_REFERENCE = (
     "lmms-eval==0.7.3"  # its task scorers (POPE, MME, MMBench, GQA, TextVQA) are the benchmarks' reference
 )
 
+# What lmms-eval 0.7.3 imports to run a model on a task (its evaluator, task loader and llava_hf), beside the
+# kit's own dependencies: installing lmms-eval with all its requirements takes minutes (wandb, opencv, spacy ...),
+# this takes seconds. filelock<4: lmms-eval's evaluator imports filelock._api, which 4.0 removed. decord:
+# llava_hf imports it at the top without listing it.
+LMMS_EVAL_RUNTIME = ["loguru", "pytz", "datasets", "evaluate", "sacrebleu", "tenacity", "filelock<4", "decord"]
+
 
 @nox.session
 def tests(session: nox.Session) -> None:
@@ -23,7 +29,19 @@ def tests(session: nox.Session) -> None:
     # use. Its MMBench evaluator needs pandas for real.
     session.install("--no-deps", LMMS_EVAL_REFERENCE)
     session.install("pandas")
+    # ... and what it needs to run the kit's checkpoints and exported folders (tests/eval/test_lmms_eval.py)
+    session.install(*LMMS_EVAL_RUNTIME)
     session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lmms(session: nox.Session) -> None:
+    """The lmms-eval interoperability tests alone, with lmms-eval as `tests` installs it (no-deps + its runtime):
+    `nox -s lmms`. CI runs them inside `tests`; `pip install -e ".[lmms]"` is the user's full install."""
+    session.install("-e", ".[dev]")
+    session.install("--no-deps", LMMS_EVAL_REFERENCE)
+    session.install(*LMMS_EVAL_RUNTIME)
+    session.run("pytest", "tests/eval/test_lmms_eval.py", *session.posargs)
 
 
 @nox.session
