@@ -1,4 +1,4 @@
-"""src.data.shards: LLaVA JSON to shards that read back exactly, and a report that never decodes unsafely."""
+"""src.data.shards (writer, inspector, cli): LLaVA JSON to shards that read back exactly, and a report that never decodes unsafely."""
 
 from __future__ import annotations
 
@@ -16,16 +16,10 @@ from webdataset.tariterators import tarfile_samples
 from src.data.conversation import ConversationEncoder, build_template
 from src.data.datamodule import count_samples, expand_shards, read_sizes
 from src.data.decode import decode_sample
-from src.data.shards import (
-    RECORD,
-    format_report,
-    inspect_shards,
-    main,
-    member_bytes,
-    read_records,
-    tar_bytes,
-    write_shards,
-)
+from src.data.inputs import read_records
+from src.data.shards import format_report, inspect_shards, write_shards
+from src.data.shards.cli import main
+from src.data.shards.writer import RECORD, member_bytes, tar_bytes
 
 IMAGE_TOKENS = 16  # as tests/conftest.py
 

@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from src.launch import slurm
-from src.launch.slurm import SlurmError, SlurmSettings, load_settings, render, submit, trainer_shape
+from src.launch.slurm import SlurmError, SlurmRequeue, SlurmSettings, load_settings, render, submit, trainer_shape
+from src.launch.slurm.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "lightning_config.yaml")
@@ -80,18 +81,50 @@ def test_unknown_setting_is_an_error_that_names_it(tmp_path: Path) -> None:
     ("values", "message"),
     [
         ({"nodes": 0}, "nodes must be an integer >= 1"),
-        ({"nodes": "2"}, "nodes must be an integer"),
-        ({"cpus_per_task": True}, "cpus_per_task must be an integer"),
-        ({"time": 86400}, "time must be a string.*quote it"),
+        ({"nodes": "two"}, "Parser key \"nodes\": Expected a <class 'int'>. Got value: two"),
+        ({"cpus_per_task": True}, "Parser key \"cpus_per_task\": Expected a <class 'int'>"),
+        ({"time": 86400}, "Parser key \"time\": Expected a <class 'str'>. Got value: 86400 .*quote it"),
         ({"partition": "a b"}, "partition must be a non-empty string without spaces"),
         ({"setup": ["ok", "two\nlines"]}, "setup: each entry is one non-empty line"),
-        ({"extra_sbatch": [1]}, "extra_sbatch must be a list of strings"),
+        ({"extra_sbatch": [1]}, "Parser key \"extra_sbatch\": Expected a <class 'str'>. Got value: 1"),
+        ({"mem": [1]}, 'Parser key "mem": Does not validate against any of the Union subtypes'),
         ({"signal_seconds": 0}, "signal_seconds must be an integer >= 1"),
     ],
 )
 def test_bad_settings_are_errors(values: dict, message: str) -> None:
-    with pytest.raises(SlurmError, match=message):
+    with pytest.raises(SlurmError, match=message) as error:
         load_settings(values)
+    assert "\n" not in str(error.value)  # one line, naming the key, as the training CLI's parser does
+
+
+def test_a_wrong_type_in_a_settings_file_is_one_line_naming_file_and_key(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("slurm:\n  cpus_per_task: many\n")
+    code, out, err = _cli(capsys, "--config", CONFIG, "--slurm-config", str(path), "--dry-run")
+    assert code == 2 and out == ""
+    assert err == f"error: {path} (slurm:): Parser key \"cpus_per_task\": Expected a <class 'int'>. Got value: many\n"
+
+
+def test_cli_flags_are_typed_by_jsonargparse(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(capsys, "--config", CONFIG, "--cpus-per-task", "six", "--dry-run")
+    assert exit_info.value.code == 2
+    assert 'error: Parser key "cpus_per_task":' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _cli(capsys, "--config", CONFIG, "--partitoin", "gpu")
+    assert "unrecognized arguments: --partitoin gpu" in capsys.readouterr().err
+
+
+def test_cli_print_config_shows_the_file_and_the_flags_merged(tmp_path: Path, capsys) -> None:
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("slurm:\n  partition: a100\n  time: 48:00:00\n  setup: source venv/bin/activate\n")
+    code, out, err = _cli(capsys, "--config", CONFIG, "--slurm-config", str(cluster), "--cpus_per_task", "6",
+                          "--setup", "echo ready", "--sbatch", "exclusive", "--print_config")  # fmt: skip
+    assert code == 0, err
+    printed = yaml.safe_load(out)
+    assert printed["partition"] == "a100" and printed["time"] == "48:00:00" and printed["cpus_per_task"] == 6
+    assert printed["setup"] == ["source venv/bin/activate", "echo ready"] and printed["extra_sbatch"] == ["exclusive"]
+    assert printed["config"] == [CONFIG] and printed["job_name"] == "llava"
 
 
 def test_missing_settings_file_is_an_error(tmp_path: Path) -> None:
@@ -293,7 +326,7 @@ def test_trainer_shape_errors() -> None:
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = slurm.main(list(argv))
+    code = main(list(argv))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -358,10 +391,10 @@ def test_requeue_callback_keeps_the_newest_hpc_checkpoints(tmp_path: Path) -> No
     for n in (1, 2, 3):
         (tmp_path / f"hpc_ckpt_{n}.ckpt").write_text(str(n))
     (tmp_path / "hpc_ckpt_2.ckpt.other").write_text("")
-    slurm.SlurmRequeue(keep=2)._prune(tmp_path / "hpc_ckpt_3.ckpt")
+    SlurmRequeue(keep=2)._prune(tmp_path / "hpc_ckpt_3.ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hpc_ckpt_2.ckpt", "hpc_ckpt_2.ckpt.other", "hpc_ckpt_3.ckpt"]
     with pytest.raises(ValueError, match="every_n_steps and keep"):
-        slurm.SlurmRequeue(every_n_steps=0)
+        SlurmRequeue(every_n_steps=0)
 
 
 # ---- without a cluster: skipped on a bare machine, a failure under CI -------------------------------
@@ -477,7 +510,7 @@ def _launch(cluster, tmp: Path, run: Path, delay: float) -> str:
             patch.setenv(name, value)
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = slurm.main(argv)
+            code = main(argv)
     assert code == 0, err.getvalue()[-3000:]
     job = out.getvalue().strip().splitlines()[-1]
     assert job.isdigit(), out.getvalue()

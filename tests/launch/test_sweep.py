@@ -1,4 +1,4 @@
-"""Sweeps (src/launch/sweep.py): specs, names, run configs, SLURM arrays through a fake launcher, and
+"""Sweeps (src/launch/sweep/): specs, names, run configs, SLURM arrays through a fake launcher, and
 the demo sweep end to end on the CPU: plan, run --local, a rerun that skips every run, collect."""
 
 from __future__ import annotations
@@ -20,7 +20,24 @@ import pytest
 import yaml
 from PIL import Image
 
-from src.launch import sweep as sw
+from src.launch.sweep import (
+    Sweep,
+    SweepError,
+    collect,
+    load_spec,
+    plan,
+    prepare,
+    run_config,
+    run_one,
+    run_slurm,
+    status,
+)
+from src.launch.sweep.array import array_ranges
+from src.launch.sweep.cli import main
+from src.launch.sweep.names import column_labels, compact, value_labels
+from src.launch.sweep.plan import wants_test
+from src.launch.sweep.results import NUMERIC
+from src.launch.sweep.stats import t_quantile, t_two_sided_p, welch
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_SPEC = ROOT / "experiments/sweeps/demo_projectors.yaml"
@@ -28,7 +45,7 @@ PROJECTORS_SPEC = ROOT / "experiments/sweeps/projectors.yaml"
 ALL_PROJECTORS = {"linear", "mlp", "pixel_shuffle", "avgpool", "resampler", "c_abstractor", "ldp"}
 
 
-def _spec(tmp_path: Path, **extra) -> sw.Sweep:
+def _spec(tmp_path: Path, **extra) -> Sweep:
     raw = {
         "base": ["lightning_config.yaml"],
         "grid": {
@@ -43,27 +60,27 @@ def _spec(tmp_path: Path, **extra) -> sw.Sweep:
         "out": str(tmp_path / "sweep"),
         **extra,
     }
-    return sw.load_spec(raw, cwd=ROOT)
+    return load_spec(raw, cwd=ROOT)
 
 
 def test_plan_is_the_grid_in_order_named_by_its_values(tmp_path: Path) -> None:
     sweep = _spec(tmp_path)
-    runs = sw.plan(sweep)
+    runs = plan(sweep)
     assert [r.name for r in runs] == [
         f"projector={p}-seed={s}" for p in ("linear", "pixel_shuffle", "ldp") for s in (0, 1)
     ]
     assert [r.index for r in runs] == list(range(6))
     assert runs[2].labels == {"projector": "pixel_shuffle", "seed": "0"}
     assert runs[2].path == tmp_path / "sweep" / "projector=pixel_shuffle-seed=0"
-    assert sw.plan(sweep) == runs  # stable
+    assert plan(sweep) == runs  # stable
 
 
 def test_names_tell_apart_values_that_share_a_name_and_stay_filesystem_safe() -> None:
     values = [{"name": "mlp", "kwargs": {"depth": 1}}, {"name": "mlp", "kwargs": {"depth": 3}}, {"name": "linear"}]
-    assert sw.value_labels(values) == ["mlp_depth1", "mlp_depth3", "linear"]
-    assert sw.value_labels([[0.9, 0.95], [0.9, 0.999]]) == ["0.9_0.95", "0.9_0.999"]
-    assert sw.value_labels(["a/b c", "a/b c"]) == ["a_b_c_0", "a_b_c_1"]
-    assert sw.column_labels(["model.optimizer.lr", "seed_everything", "a.width", "b.width"]) == {
+    assert value_labels(values) == ["mlp_depth1", "mlp_depth3", "linear"]
+    assert value_labels([[0.9, 0.95], [0.9, 0.999]]) == ["0.9_0.95", "0.9_0.999"]
+    assert value_labels(["a/b c", "a/b c"]) == ["a_b_c_0", "a_b_c_1"]
+    assert column_labels(["model.optimizer.lr", "seed_everything", "a.width", "b.width"]) == {
         "model.optimizer.lr": "lr",
         "seed_everything": "seed",
         "a.width": "a.width",  # two keys would share `width`: both keep their whole key
@@ -77,23 +94,23 @@ def test_random_draws_are_reproducible_in_range_and_crossed_with_the_grid(tmp_pa
         "model.optimizer.warmup_steps": {"int_uniform": [1, 9]},
     }
     sweep = _spec(tmp_path, random={"n": 3, "seed": 7, "space": space})
-    runs = sw.plan(sweep)
+    runs = plan(sweep)
     assert len(runs) == 6 * 3
     first = [r.values for r in runs[:3]]
     assert [r.values["model.optimizer.lr"] for r in runs[3:6]] == [v["model.optimizer.lr"] for v in first]
     for r in runs:
         assert 1e-5 <= r.values["model.optimizer.lr"] <= 1e-3
         assert 1 <= r.values["model.optimizer.warmup_steps"] <= 9
-        assert f"lr={sw.compact(r.values['model.optimizer.lr'])}" in r.name
-    assert [r.values for r in sw.plan(sweep)] == [r.values for r in runs]
-    other = sw.plan(_spec(tmp_path, random={"n": 3, "seed": 8, "space": space}))
+        assert f"lr={compact(r.values['model.optimizer.lr'])}" in r.name
+    assert [r.values for r in plan(sweep)] == [r.values for r in runs]
+    other = plan(_spec(tmp_path, random={"n": 3, "seed": 8, "space": space}))
     assert [r.values for r in other] != [r.values for r in runs]
 
 
 def test_run_config_replaces_swept_keys_and_points_into_the_run_folder(tmp_path: Path) -> None:
     sweep = _spec(tmp_path)
-    run = sw.plan(sweep)[5]  # ldp, seed 1
-    config = sw.run_config(sweep, run)
+    run = plan(sweep)[5]  # ldp, seed 1
+    config = run_config(sweep, run)
     assert config["model"]["projector"] == {"name": "ldp"}  # replaced: the base mlp's kwargs are gone
     assert config["seed_everything"] == 1 and config["data"]["seed"] == 1  # the interpolation resolved
     assert config["trainer"]["max_steps"] == 5
@@ -101,7 +118,7 @@ def test_run_config_replaces_swept_keys_and_points_into_the_run_folder(tmp_path:
     checkpoints = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
     assert checkpoints and all(c["init_args"]["dirpath"] == str(run.path / "checkpoints") for c in checkpoints)
     assert config["trainer"]["logger"]["init_args"] == {"save_dir": str(run.path), "name": "logs", "version": "fit"}
-    assert sw.wants_test(None, config) and not sw.wants_test(False, config)
+    assert wants_test(None, config) and not wants_test(False, config)
 
 
 def test_spec_errors_say_what_to_change(tmp_path: Path) -> None:
@@ -116,33 +133,62 @@ def test_spec_errors_say_what_to_change(tmp_path: Path) -> None:
         ({k: v for k, v in ok.items() if k != "out"}, "needs `out`"),
     ]
     for raw, message in cases:
-        with pytest.raises(sw.SweepError, match=message):
-            sw.load_spec(raw, cwd=ROOT)
-    typo = sw.load_spec({**ok, "grid": {"modle.projector": [{"name": "linear"}]}}, cwd=ROOT)
-    with pytest.raises(sw.SweepError, match="modle"):
-        sw.prepare(typo, sw.plan(typo))
+        with pytest.raises(SweepError, match=message):
+            load_spec(raw, cwd=ROOT)
+    typo = load_spec({**ok, "grid": {"modle.projector": [{"name": "linear"}]}}, cwd=ROOT)
+    with pytest.raises(SweepError, match="modle"):
+        prepare(typo, plan(typo))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {"gird": {"x": [1]}},
+            "the sweep spec: Option 'gird.x' is not accepted \\(unknown sweep spec key\\); a sweep spec has base",
+        ),
+        ({"test": "maybe"}, 'the sweep spec: Parser key "test": Does not validate against any of the Union subtypes'),
+        ({"grid": [1]}, "the sweep spec: Parser key \"grid\": .*Expected a <class 'dict'>.* Given value: \\[1\\]"),
+    ],
+)
+def test_spec_keys_and_types_are_checked_by_jsonargparse_in_one_line(tmp_path: Path, extra: dict, message: str) -> None:
+    ok = {"base": "lightning_config.yaml", "grid": {"seed_everything": [0]}, "out": str(tmp_path)}
+    with pytest.raises(SweepError, match=message) as error:
+        load_spec({**ok, **extra}, cwd=ROOT)
+    assert "\n" not in str(error.value)
+
+
+def test_print_config_prints_the_parsed_spec(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)
+    assert main(["plan", str(DEMO_SPEC), "--out", str(tmp_path / "demo"), "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    written = yaml.safe_load(DEMO_SPEC.read_text())
+    assert printed["base"] == [str(ROOT / b) for b in written["base"]] and printed["out"] == str(tmp_path / "demo")
+    assert printed["grid"] == written["grid"] and printed["overrides"] == written["overrides"]  # values as written
+    assert printed["test"] == written.get("test", "auto")
+    assert not (tmp_path / "demo").exists()  # printing plans nothing
 
 
 def test_array_ranges() -> None:
-    assert sw.array_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
-    assert sw.array_ranges([3]) == "3"
-    assert sw.array_ranges([4, 2, 3, 3]) == "2-4"
+    assert array_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert array_ranges([3]) == "3"
+    assert array_ranges([4, 2, 3, 3]) == "2-4"
 
 
 def test_prepare_writes_the_folders_and_guards_changed_configs(tmp_path: Path, capsys) -> None:
     sweep = _spec(tmp_path)
-    runs = sw.plan(sweep)
-    statuses = sw.prepare(sweep, runs)
+    runs = plan(sweep)
+    statuses = prepare(sweep, runs)
     assert set(statuses.values()) == {"pending"}
     assert (sweep.out / "runs.txt").read_text().splitlines() == [str(r.path) for r in runs]
     assert yaml.safe_load((runs[0].path / "config.yaml").read_text())["model"]["projector"] == {"name": "linear"}
     (runs[0].path / "DONE").write_text("{}")
     (runs[1].path / "checkpoints").mkdir()
     (runs[1].path / "checkpoints" / "last.ckpt").write_text("")
-    assert sw.status(runs[0].path) == "done" and sw.status(runs[1].path) == "partial"
+    assert status(runs[0].path) == "done" and status(runs[1].path) == "partial"
     changed = _spec(tmp_path, overrides={"trainer": {"max_steps": 7}})
-    with pytest.raises(sw.SweepError, match="checkpoints of a different config"):
-        sw.prepare(changed, sw.plan(changed))
+    with pytest.raises(SweepError, match="checkpoints of a different config"):
+        prepare(changed, plan(changed))
     assert "is done with a different config" in capsys.readouterr().out
     assert "max_steps: 5" in (runs[0].path / "config.yaml").read_text()  # a finished run's config is kept
 
@@ -162,11 +208,11 @@ def test_slurm_submits_one_array_over_the_unfinished_runs(tmp_path: Path, monkey
     submitted = []
     monkeypatch.setattr(slurm, "submit", lambda script, run_dir: submitted.append((script, run_dir)) or "4242")
     sweep = _spec(tmp_path, overrides={"trainer": {"devices": 2, "num_nodes": 2}})
-    runs = sw.plan(sweep)
-    sw.prepare(sweep, runs)
+    runs = plan(sweep)
+    prepare(sweep, runs)
     for done in (runs[1], runs[2]):
         (done.path / "DONE").write_text("{}")
-    assert sw.run_slurm(sweep, runs, {"partition": "big", "time": "02:00:00"}) == ["4242"]
+    assert run_slurm(sweep, runs, {"partition": "big", "time": "02:00:00"}) == ["4242"]
     ((script, run_dir),) = submitted
     assert run_dir == sweep.out
     for line in ("--array=0,3-5", "--nodes=2", "--ntasks-per-node=2", "--partition=big", "--time=02:00:00"):
@@ -182,7 +228,7 @@ def test_slurm_submits_one_array_over_the_unfinished_runs(tmp_path: Path, monkey
     ).stdout.split()  # fmt: skip
     assert echoed == ["-m", "src.launch.sweep", "run-one", "--sweep", str(sweep.out), "--index", "3"]
     assert (sweep.out / "runs.txt").read_text().splitlines()[3] == str(runs[3].path)
-    assert sw.run_one(sweep.out, 1) == "done"  # a finished run: nothing to do
+    assert run_one(sweep.out, 1) == "done"  # a finished run: nothing to do
 
     # --dry-run through the command line: the script is printed, nothing is submitted
     settings = tmp_path / "cluster.yaml"
@@ -190,7 +236,7 @@ def test_slurm_submits_one_array_over_the_unfinished_runs(tmp_path: Path, monkey
     out = io.StringIO()
     with contextlib.redirect_stdout(out), monkeypatch.context() as m:
         m.chdir(ROOT)
-        code = sw.main(["run", str(DEMO_SPEC), "--slurm", "--slurm-config", str(settings), "--dry-run",
+        code = main(["run", str(DEMO_SPEC), "--slurm", "--slurm-config", str(settings), "--dry-run",
                         "--out", str(tmp_path / "demo"), "--max-parallel", "3"])  # fmt: skip
     printed = out.getvalue()
     assert code == 0 and len(submitted) == 1, printed
@@ -203,12 +249,12 @@ def test_slurm_submits_one_array_over_the_unfinished_runs(tmp_path: Path, monkey
 def test_the_projector_ablation_spec_plans_7_projectors_x_3_seeds_and_every_config_parses(tmp_path: Path) -> None:
     from src.cli import main as cli_main
 
-    sweep = sw.load_spec(PROJECTORS_SPEC, out=tmp_path / "projectors", cwd=ROOT)
-    runs = sw.plan(sweep)
+    sweep = load_spec(PROJECTORS_SPEC, out=tmp_path / "projectors", cwd=ROOT)
+    runs = plan(sweep)
     assert len(runs) == 21
     assert {r.labels["projector"] for r in runs} == ALL_PROJECTORS
     assert {r.labels["seed"] for r in runs} == {"0", "1", "2"}
-    sw.prepare(sweep, runs)
+    prepare(sweep, runs)
     for run in runs:
         if run.labels["seed"] != "0":
             continue
@@ -265,7 +311,7 @@ def test_demo_sweep_runs_skips_when_rerun_and_collects(tmp_path: Path) -> None:
     assert {r["seed"] for r in rows} == {"0", "1"}
     for row in rows:
         assert row["status"] == "done"
-        for column in sw.NUMERIC:
+        for column in NUMERIC:
             assert row[column] != "", (row["run"], column)
             value = float(row[column])
             assert value == value and value >= 0, (row["run"], column)
@@ -296,8 +342,8 @@ def test_a_failing_run_is_recorded_and_the_table_shows_it(tmp_path: Path) -> Non
     assert ran.returncode == 1 and "FAILED" in ran.stdout, ran.stdout + ran.stderr
     run_dir = tmp_path / "bad" / "projector=pixel_shuffle"
     assert "does not divide" in (run_dir / "FAILED").read_text()
-    assert sw.status(run_dir) == "failed"
-    sw.collect(tmp_path / "bad", plot=False)
+    assert status(run_dir) == "failed"
+    collect(tmp_path / "bad", plot=False)
     with open(tmp_path / "bad" / "results.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert row["status"] == "failed" and row["train_loss"] == ""
@@ -311,15 +357,15 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 
 def test_t_quantiles_equal_the_printed_table_and_scipy_where_installed() -> None:
     for df, value in T975.items():
-        assert sw.t_quantile(0.975, df) == pytest.approx(value, abs=5e-4), df
-    assert sw.t_quantile(0.95, 4) == pytest.approx(2.132, abs=5e-4)
+        assert t_quantile(0.975, df) == pytest.approx(value, abs=5e-4), df
+    assert t_quantile(0.95, 4) == pytest.approx(2.132, abs=5e-4)
     try:
         from scipy import stats
     except ImportError:
         return
     for df in (1, 2, 3.5, 7, 29.2, 200):
-        assert sw.t_quantile(0.975, df) == pytest.approx(stats.t.ppf(0.975, df), rel=1e-9)
-        assert sw.t_two_sided_p(1.7, df) == pytest.approx(2 * stats.t.sf(1.7, df), rel=1e-9)
+        assert t_quantile(0.975, df) == pytest.approx(stats.t.ppf(0.975, df), rel=1e-9)
+        assert t_two_sided_p(1.7, df) == pytest.approx(2 * stats.t.sf(1.7, df), rel=1e-9)
 
 
 def _closed_form_p(t: float, df: int) -> float:
@@ -335,10 +381,10 @@ def _closed_form_p(t: float, df: int) -> float:
 def test_welch_equals_the_closed_form_where_its_degrees_of_freedom_are_whole() -> None:
     a, b = [1.0, 2.0, 3.0], [2.5, 3.5, 4.5]  # equal n and variance: Welch's df = 2 (n - 1) = 4
     t = (2.0 - 3.5) / math.sqrt(1.0 / 3 + 1.0 / 3)
-    assert sw.welch(a, b) == pytest.approx(_closed_form_p(t, 4), rel=1e-10)
-    assert sw.t_two_sided_p(2.0, 6) == pytest.approx(_closed_form_p(2.0, 6), rel=1e-10)
-    assert sw.welch([1.0], [2.0, 3.0]) is None
-    assert sw.welch([1.0, 1.0], [1.0, 1.0]) == 1.0 and sw.welch([1.0, 1.0], [2.0, 2.0]) == 0.0
+    assert welch(a, b) == pytest.approx(_closed_form_p(t, 4), rel=1e-10)
+    assert t_two_sided_p(2.0, 6) == pytest.approx(_closed_form_p(2.0, 6), rel=1e-10)
+    assert welch([1.0], [2.0, 3.0]) is None
+    assert welch([1.0, 1.0], [1.0, 1.0]) == 1.0 and welch([1.0, 1.0], [2.0, 2.0]) == 0.0
 
 
 def _write_run(run_dir: Path, scalars: dict[str, list[tuple[int, float]]]) -> None:
@@ -359,9 +405,9 @@ MME = {"linear": [900.0, 950.0, 925.0], "mlp": [1000.0, 990.0, 1010.0], "ldp": [
 def test_collect_adds_benchmark_columns_confidence_intervals_and_marks_real_differences(tmp_path: Path) -> None:
     raw = {"base": ["lightning_config.yaml"], "grid": {"model.projector": [{"name": p} for p in ACCURACY],
            "seed_everything": [0, 1, 2]}, "out": str(tmp_path / "sweep")}  # fmt: skip
-    sweep = sw.load_spec(raw, cwd=ROOT)
-    runs = sw.plan(sweep)
-    sw.prepare(sweep, runs)
+    sweep = load_spec(raw, cwd=ROOT)
+    runs = plan(sweep)
+    prepare(sweep, runs)
     for run in runs:
         projector, seed = run.labels["projector"], int(run.labels["seed"])
         accuracy = ACCURACY[projector][seed]
@@ -374,7 +420,7 @@ def test_collect_adds_benchmark_columns_confidence_intervals_and_marks_real_diff
         stale = {"benchmark": "pope", "step": 3, "rows": {"all": {"accuracy": -1.0}}}  # BenchmarkEval's own file
         (run.path / "logs" / "fit" / "bench").mkdir(parents=True)
         (run.path / "logs" / "fit" / "bench" / "report.json").write_text(json.dumps(stale))
-    written = sw.collect(sweep.out)
+    written = collect(sweep.out)
     with open(sweep.out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0])[-2:] == ["bench/pope/all/accuracy", "bench/mme/Perception/score"]  # no failure counts
@@ -398,27 +444,27 @@ def test_collect_adds_benchmark_columns_confidence_intervals_and_marks_real_diff
     assert lines["projector=linear"].split(" | ")[-2].endswith("*") and lines["projector=ldp"].split(" | ")[
         -2
     ].endswith("*")
-    p = sw.welch(ACCURACY["mlp"], ACCURACY["linear"])
+    p = welch(ACCURACY["mlp"], ACCURACY["linear"])
     assert f"- bench/pope/all/accuracy: projector=mlp > projector=linear (Welch p = {p:.3g})" in text
     assert "projector=linear > projector=ldp" not in text and "projector=ldp > projector=linear" not in text
-    assert sw.welch(ACCURACY["linear"], ACCURACY["ldp"]) > 0.05
+    assert welch(ACCURACY["linear"], ACCURACY["ldp"]) > 0.05
     with Image.open(written["scores"]) as image:
         image.load()
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50
 
-    sw.collect(sweep.out, plot=False, bench="mme")
+    collect(sweep.out, plot=False, bench="mme")
     with open(sweep.out / "results.csv") as f:
         assert [c for c in next(csv.reader(f)) if c.startswith("bench/")] == ["bench/mme/Perception/score"]
-    with pytest.raises(sw.SweepError, match="not a regular expression"):
-        sw.collect(sweep.out, plot=False, bench="(")
+    with pytest.raises(SweepError, match="not a regular expression"):
+        collect(sweep.out, plot=False, bench="(")
 
 
 def test_the_cpu_ablation_spec_plans_4_projectors_x_3_seeds_tested(tmp_path: Path) -> None:
-    sweep = sw.load_spec(ROOT / "experiments/sweeps/demo_ablation.yaml", out=tmp_path / "ablation", cwd=ROOT)
-    runs = sw.plan(sweep)
+    sweep = load_spec(ROOT / "experiments/sweeps/demo_ablation.yaml", out=tmp_path / "ablation", cwd=ROOT)
+    runs = plan(sweep)
     assert {(r.labels["projector"], r.labels["seed"]) for r in runs} == {
         (p, s) for p in ("linear", "mlp", "pixel_shuffle", "ldp") for s in ("0", "1", "2")
     }
-    config = sw.run_config(sweep, runs[-1])
-    assert sw.wants_test(sweep.test, config) and config["data"]["seed"] == 2
+    config = run_config(sweep, runs[-1])
+    assert wants_test(sweep.test, config) and config["data"]["seed"] == 2
     assert config["trainer"]["limit_test_batches"] == 1.0 and config["trainer"]["max_steps"] == 1000
