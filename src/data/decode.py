@@ -29,7 +29,9 @@ from src.data.records import parse_object
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-_IMAGE_SUFFIX = re.compile(rf"^(?:(\d+)\.)?({'|'.join(IMAGE_EXTENSIONS)})$")
+IMAGE_MEMBER = re.compile(rf"^(?:(\d+)\.)?({'|'.join(IMAGE_EXTENSIONS)})$")
+"""A sample's image member names (`jpg`, `0.png` ...): the reader, the inspector and instruct's sources
+agree on what is an image."""
 OTHER_IMAGE_EXTENSIONS = (
     "gif", "bmp", "tif", "tiff", "jfif", "jpe", "apng", "avif", "heic", "heif", "jp2", "j2k", "jxl",
     "ico", "eps", "ps", "psd", "tga", "ppm", "pgm", "pbm", "pnm", "svg", "dds", "qoi",
@@ -38,7 +40,7 @@ OTHER_IMAGE_EXTENSIONS = (
 of its sample: it is decoded by content under the policy (so a config that allows GIF reads
 `.gif` members), and refused otherwise (`bad_image_format`), never dropped unseen, which would
 leave a caption or a question with no image at all."""
-_OTHER_IMAGE_SUFFIX = re.compile(rf"^(?:(\d+)\.)?({'|'.join(OTHER_IMAGE_EXTENSIONS)})$")
+OTHER_IMAGE_MEMBER = re.compile(rf"^(?:(\d+)\.)?({'|'.join(OTHER_IMAGE_EXTENSIONS)})$")
 
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 """Formats decoded by default, as Pillow names them: what the writer stores (and what web-scale
@@ -159,7 +161,7 @@ def decode_sample(
                 text = value.decode("utf-8")
             except UnicodeDecodeError as error:
                 raise SampleError("bad_text", "text member is not UTF-8") from error
-        elif match := _IMAGE_SUFFIX.match(suffix) or _OTHER_IMAGE_SUFFIX.match(suffix):
+        elif match := IMAGE_MEMBER.match(suffix) or OTHER_IMAGE_MEMBER.match(suffix):
             images.append((int(match.group(1) or 0), decode_image(value, draft, policy)))
         # anything else (.pyd, .pickle, .pth, .npy ...) is never decoded
     if text is not None and "caption" not in record:

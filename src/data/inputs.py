@@ -1,7 +1,7 @@
 """Reading the inputs of a shard writer or of JSON prediction: LLaVA JSON / JSONL records and
 image files, checked as the shard reader will check them.
 
-Apart from `src/data/shards.py` (the writer and inspector) so that the stream, which reads
+Apart from `src/data/shards/` (the writer and inspector) so that the stream, which reads
 JSON inputs for prediction, does not import the writer, nor the writer the stream.
 """
 

@@ -35,7 +35,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from src.data.conversation import SampleError
-from src.data.decode import _IMAGE_SUFFIX, SkipCounter
+from src.data.decode import IMAGE_MEMBER, SkipCounter
 
 log = logging.getLogger(__name__)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -293,7 +293,7 @@ class ShardSource(Source):
 
     def _item(self, raw: dict) -> Item:
         record: dict = {}
-        images = [(suffix, value) for suffix, value in raw.items() if _IMAGE_SUFFIX.match(suffix)]
+        images = [(suffix, value) for suffix, value in raw.items() if IMAGE_MEMBER.match(suffix)]
         if "json" in raw:
             try:
                 record = json.loads(raw["json"])

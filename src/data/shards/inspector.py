@@ -13,7 +13,7 @@ from itertools import groupby
 from typing import Any
 
 from src.data.conversation import IGNORE_INDEX, IMAGE_TAG, SampleError
-from src.data.decode import _IMAGE_SUFFIX, SkipCounter, decode_sample, describe
+from src.data.decode import IMAGE_MEMBER, SkipCounter, decode_sample, describe
 from src.data.records import check_fields, check_images
 from src.data.shards.writer import format_counts
 
@@ -24,7 +24,7 @@ MEMBER_TYPES = ("jpg", "png", "webp", "json", "txt", "unsafe", "other")
 
 def member_type(suffix: str) -> str:
     """How the reader treats a member: an image it decodes, json, txt, unsafe or other."""
-    if match := _IMAGE_SUFFIX.match(suffix):  # exactly the members decode_sample reads as images
+    if match := IMAGE_MEMBER.match(suffix):  # exactly the members decode_sample reads as images
         return "jpg" if match.group(2) == "jpeg" else match.group(2)
     if suffix in ("json", "txt"):
         return suffix
