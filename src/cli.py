@@ -33,8 +33,10 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from src.core.constants import DTYPES
 from src.data.datamodule import LlavaDataModule
-from src.model.language import ATTENTION_BACKENDS, DTYPES, QUANTIZATIONS
+from src.data.spec import DataSpecSource
+from src.model.language import ATTENTION_BACKENDS, QUANTIZATIONS
 from src.model.projector import ProjectorConfig
 from src.model.vision import VISION_TOWERS
 from src.model.weights import (
@@ -177,6 +179,14 @@ class KitCLI(LightningCLI):
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
 
+    def instantiate_classes(self) -> None:
+        """The model becomes the datamodule's `DataSpecSource`: the data pipeline is handed the
+        tokenizer and image transform by whoever built both, and never reaches into the Trainer.
+        It is asked when the first loader is made, after `configure_model` built the parts under
+        the strategy (so FSDP still shards them as they appear)."""
+        super().instantiate_classes()
+        wire_data_spec(self.model, self.datamodule)
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         if self.subcommand == "fit" and not any(isinstance(cb, StopOnSignal) for cb in trainer.callbacks):
@@ -195,6 +205,14 @@ class KitCLI(LightningCLI):
             for folder in remove_empty_run_folders(self.trainer):
                 print(f"removed {folder}: the run failed before it wrote anything", file=sys.stderr)
             raise
+
+
+def wire_data_spec(model: object, datamodule: object) -> None:
+    """`datamodule.spec_source = model`, unless the datamodule already has a spec or a source, or takes none."""
+    if not isinstance(model, DataSpecSource) or not hasattr(datamodule, "spec_source"):
+        return
+    if datamodule.spec is None and datamodule.spec_source is None:
+        datamodule.spec_source = model
 
 
 @rank_zero_only

@@ -181,3 +181,23 @@ def test_global_batch_size_accumulates_micro_batches(tmp_path: Path) -> None:
     assert cli.trainer.accumulate_grad_batches == 2  # 8 = 4 per device x 1 device x 2
     assert cli.trainer.global_step == 4
     assert cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed == 8
+
+
+def test_the_model_is_wired_as_the_datamodule_s_spec_source_without_being_built() -> None:
+    """The CLI hands the datamodule its model as a `DataSpecSource`; the model's parts are still unbuilt
+    (they are built under the strategy, in `configure_model`), and a spec given already is kept."""
+    from types import SimpleNamespace
+
+    from src.cli import KitCLI, wire_data_spec
+    from src.data.datamodule import LlavaDataModule
+    from src.training.module import LlavaLitModule
+
+    cli = KitCLI(LlavaLitModule, LlavaDataModule, run=False, args=["--config", CONFIG, "--data.num_workers=0"],
+                 parser_kwargs={"parser_mode": "omegaconf"})  # fmt: skip
+    assert cli.datamodule.spec_source is cli.model
+    assert cli.model.model is None and cli.datamodule.spec is None
+    given = SimpleNamespace(spec=object(), spec_source=None)
+    wire_data_spec(cli.model, given)
+    assert given.spec_source is None  # a spec handed over already wins
+    wire_data_spec(object(), cli.datamodule)  # not a source: nothing changes
+    assert cli.datamodule.spec_source is cli.model

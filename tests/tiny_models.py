@@ -64,3 +64,21 @@ def tiny_llava_model(llm_config: dict, vocab_size: int, image_token_id: int, att
     )
     llm = build_llm(LLMConfig(config=dict(llm_config), attn_implementation=attn_implementation), vocab_size=vocab_size)
     return LlavaModel(vision, projector, llm, image_token_id=image_token_id).eval()
+
+
+def tiny_hf_vision_configs(width: int, intermediate: int) -> dict[str, dict]:
+    """Inline configs of every transformers vision model the `hf` tower reads (`vision.config`):
+    3 layers of `width`, 32 px images in 8 px patches, so a 4x4 grid each."""
+    layers = dict(hidden_size=width, num_hidden_layers=3, num_attention_heads=2)
+    grid = dict(image_size=32, patch_size=8)
+    return {
+        "clip": dict(model_type="clip_vision_model", intermediate_size=intermediate, **grid, **layers),
+        "siglip": dict(model_type="siglip_vision_model", intermediate_size=intermediate, **grid, **layers),
+        "siglip2": dict(
+            model_type="siglip2_vision_model", num_patches=16, patch_size=8, intermediate_size=intermediate, **layers
+        ),
+        "dinov2": dict(model_type="dinov2", mlp_ratio=intermediate // width, **grid, **layers),
+        "dinov2_registers": dict(
+            model_type="dinov2_with_registers", mlp_ratio=intermediate // width, num_register_tokens=2, **grid, **layers
+        ),
+    }

@@ -14,10 +14,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from src.core.constants import IGNORE_INDEX, IMAGE_TAG  # noqa: F401  (re-exported: the data API in one place)
 from src.registry import Registry
 
-IGNORE_INDEX = -100
-IMAGE_TAG = "<image>"
 OPTION_LETTERS = "ABCDEFGH"
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 # How a multiple-choice question is asked, answered and scored:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from src.data.conversation import MC_FORMATS, TEMPLATES, ConversationEncoder, build_template
 from src.data.decode import IMAGE_FORMATS, MAX_PIXELS, ImagePolicy
 from src.data.samples import IMAGE_POSITIONS, PROMPT_VIEW, VIEWS, ExampleBuilder
+from src.data.spec import DataSpec, DataSpecSource
 from src.data.stream import (  # noqa: F401  (re-exported: the data API in one place)
     BATCHING,
     JsonSamples,
@@ -98,8 +99,13 @@ class MixtureSource:
 class LlavaDataModule(LightningDataModule):
     """WebDataset shards -> templated, masked, padded batches.
 
-    It knows the model only through `data_spec()` of the LightningModule: the tokenizer,
-    the image transform and how many tokens one image becomes.
+    It knows the model only through a `DataSpec` (`src.data.spec`): the tokenizer, the image
+    transform and how many tokens one image becomes. Whoever builds the model hands it over, as a
+    value (`datamodule.spec = ...`) or as a `DataSpecSource` asked once, when the first loader is
+    made (`datamodule.spec_source = ...`; `src.cli` sets the model). Without either, the Trainer's
+    LightningModule is asked, if it is a `DataSpecSource` (`trainer.fit(module, datamodule=dm)`).
+    The source is asked late on purpose: the model's parts are built in `configure_model`, under
+    the strategy (FSDP shards them as they appear), which runs before the loaders are made.
     """
 
     def __init__(
@@ -200,38 +206,61 @@ class LlavaDataModule(LightningDataModule):
                 if view not in VIEWS:
                     raise ValueError(f"train_mixture {source.name or source.shards}: unknown view {view!r}")
         self.save_hyperparameters()
-        self.spec: dict | None = None
+        self._spec: DataSpec | None = None
+        self.spec_source: DataSpecSource | None = None
         self.positions: dict[str, dict] = {}  # reader -> position after its last delivered batch
         self.epoch_used: dict[str, int] = {}  # reader -> batches it delivered in the current epoch
         self.epoch_seen = -1
         self.resume: dict = {}
 
-    def _builder(self, view: str) -> ExampleBuilder:
+    @property
+    def spec(self) -> DataSpec | None:
+        """The spec handed over, or None before anyone did (see `resolve_spec`)."""
+        return self._spec
+
+    @spec.setter
+    def spec(self, value: DataSpec | dict | None) -> None:
+        self._spec = None if value is None else DataSpec.of(value)
+
+    def resolve_spec(self) -> DataSpec:
+        """The spec: the one handed over, else `spec_source`'s, else the Trainer's module's (asked once)."""
+        if self._spec is None:
+            source = self.spec_source
+            if source is None and self.trainer is not None:
+                source = self.trainer.lightning_module
+            if not isinstance(source, DataSpecSource):
+                raise RuntimeError(
+                    "LlavaDataModule needs a DataSpec (tokenizer, image transform, image tokens): set "
+                    "datamodule.spec or datamodule.spec_source, or run it under a Trainer whose LightningModule "
+                    "has data_spec()"
+                )
+            self.spec = source.data_spec()
+        return self._spec
+
+    def example_builder(self, view: str | list[str]) -> ExampleBuilder:
+        """Records -> examples the way this datamodule's loaders make them for `view` (its template,
+        system prompt, length limit, multiple-choice format and image settings)."""
         hp = self.hparams
-        spec = self._spec()
+        spec = self.resolve_spec()
         encoder = ConversationEncoder(
-            spec["tokenizer"],
-            build_template(hp.template, hp.system_prompt, tokenizer=spec["tokenizer"]),
-            image_tokens=spec["image_tokens"],
+            spec.tokenizer,
+            build_template(hp.template, hp.system_prompt, tokenizer=spec.tokenizer),
+            image_tokens=spec.image_tokens,
             max_length=hp.max_length,
         )
         return ExampleBuilder(
             encoder,
-            spec["image_transform"],
+            spec.image_transform,
             view,
             blank_images=hp.blank_images,
             mc_format=hp.mc_format,
             image_position=hp.image_position,
-            image_token_count=spec.get("image_token_count"),
+            image_token_count=spec.image_token_count,
         )
 
-    def _spec(self) -> dict:
-        """Asked for when loaders are made, after the model is built (`configure_model`)."""
-        if self.spec is None:
-            if self.trainer is None or self.trainer.lightning_module is None:
-                raise RuntimeError("LlavaDataModule needs a Trainer with a LightningModule that has data_spec()")
-            self.spec = self.trainer.lightning_module.data_spec()
-        return self.spec
+    def pad_id(self) -> int:
+        """The token id batches are padded with."""
+        return self.resolve_spec().pad_id
 
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -293,7 +322,7 @@ class LlavaDataModule(LightningDataModule):
                 raise ValueError(
                     f"set data.samples_per_epoch: the training shards {name or shards} have no sizes.json beside them"
                 )
-            sources.append(StreamSource(urls, self._builder(view), weight, resample, name))
+            sources.append(StreamSource(urls, self.example_builder(view), weight, resample, name))
             examples += (count or 0) * (1 if isinstance(view, str) else len(view))  # each view is an example
         if hp.samples_per_epoch:
             examples = hp.samples_per_epoch * (1 if isinstance(hp.train_view, str) else len(hp.train_view))
@@ -305,7 +334,7 @@ class LlavaDataModule(LightningDataModule):
         sources, examples = self._sources()
         batches = max(1, examples // (hp.batch_size * world))
         stream = ShardStream(
-            [], None, hp.batch_size, self._pad_id(), rank=rank, world_size=world, seed=hp.seed,
+            [], None, hp.batch_size, self.pad_id(), rank=rank, world_size=world, seed=hp.seed,
             shuffle_buffer=hp.shuffle_buffer, batches_per_epoch=batches, sources=sources, batching=hp.batching,
             window_batches=hp.window_batches, pack_length=hp.pack_length or hp.max_length,
             resume=self._resume_for(rank, batches), image_policy=self.image_policy,
@@ -382,8 +411,8 @@ class LlavaDataModule(LightningDataModule):
         urls = expand_shards(spec)
         check_shards(urls, spec, f"data.{name}")  # before the model's spec is asked for
         stream = ShardStream(
-            urls, self._builder(self.hparams.eval_view),
-            self.hparams.eval_batch_size or self.hparams.batch_size, self._pad_id(),
+            urls, self.example_builder(self.hparams.eval_view),
+            self.hparams.eval_batch_size or self.hparams.batch_size, self.pad_id(),
             rank=rank, world_size=world, image_policy=self.image_policy,
         )  # fmt: skip
         return self._lockstep(self._loader(stream, persistent=False))
@@ -406,11 +435,7 @@ class LlavaDataModule(LightningDataModule):
         if json_source is None:
             check_shards(shards, hp.predict_shards, "data.predict_shards")
         stream = ShardStream(
-            shards, self._builder(PROMPT_VIEW), hp.eval_batch_size or hp.batch_size, self._pad_id(),
+            shards, self.example_builder(PROMPT_VIEW), hp.eval_batch_size or hp.batch_size, self.pad_id(),
             rank=rank, world_size=world, raw_source=json_source, image_policy=self.image_policy,
         )  # fmt: skip
         return self._lockstep(self._loader(stream, persistent=False))
-
-    def _pad_id(self) -> int:
-        tokenizer = self._spec()["tokenizer"]
-        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

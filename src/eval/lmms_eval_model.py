@@ -152,9 +152,9 @@ class KitModel(lmms):
             template=settings["template"], system_prompt=settings["system_prompt"], max_length=settings["max_length"]
         )
         self.data.spec = module.data_spec()  # what predict's data pipeline is handed: tokenizer, transform, tokens
-        self.prompts = self.data._builder(PROMPT_VIEW)  # the `prompt` view: chat up to the answer, as predict
-        self.chats = self.data._builder("conversations")  # a whole chat, its reply supervised, as training
-        self.pad_id = self.data._pad_id()
+        self.prompts = self.data.example_builder(PROMPT_VIEW)  # the `prompt` view: chat up to the answer, as predict
+        self.chats = self.data.example_builder("conversations")  # a whole chat, its reply supervised, as training
+        self.pad_id = self.data.pad_id()
         self.settings = settings
 
     # ---- what lmms-eval asks of a model ----------------------------------------------------

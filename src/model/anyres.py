@@ -1,7 +1,7 @@
 """LLaVA-NeXT's anyres merge: how the views of one image become its tokens.
 
 `image_mode: anyres` cuts an image into one downscaled base view and the crops of a canvas
-chosen for its aspect (`src.model.vision.ImageTransform`); every view goes through the tower
+chosen for its aspect (`src.model.image_transform.ImageTransform`); every view goes through the tower
 and the projector alone. What then reaches the LLM is the merge (`VisionConfig.anyres_merge`):
 
 - `unpad` (LLaVA-NeXT's `spatial_unpad`, transformers' `LlavaNext`): the crops' token grids are
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from src.model.vision import ANYRES_MERGES, select_best_resolution
+from src.model.image_transform import select_best_resolution
+from src.model.vision.config import ANYRES_MERGES
 
 __all__ = ["ANYRES_MERGES", "AnyresLayout", "ImageNewline", "canvas_for", "grid_side", "merge_image", "unpadded_span"]
 

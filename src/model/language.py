@@ -50,10 +50,11 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 from transformers.utils import is_flash_attn_2_available
 
+from src.core.constants import DTYPES
+from src.model.hf_config import inline_fields
 from src.model.lora import LoraSettings
 
 ATTENTION_BACKENDS = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZATIONS = ("none", "4bit", "8bit")
 PAD_TO_MULTIPLE_OF = 64
 TOKEN_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
@@ -225,20 +226,6 @@ def quantization_config(config: LLMConfig) -> BitsAndBytesConfig | None:
     return None
 
 
-def _coerce(value: object, default: object) -> object:
-    """Values set on the command line (`--model.llm.config.hidden_size 256`) arrive as text."""
-    if not isinstance(value, str) or isinstance(default, str) or default is None:
-        return value
-    if isinstance(default, bool):
-        if value.lower() not in ("true", "false"):
-            raise ValueError(f"expected true or false, got {value!r}")
-        return value.lower() == "true"
-    if isinstance(default, (int, float)):
-        number = float(value)
-        return int(number) if isinstance(default, int) and number.is_integer() else number
-    return value
-
-
 def padded_vocab(vocab_size: int) -> int:
     """Rows that cover `vocab_size` tokens, rounded up to a multiple of 64."""
     return math.ceil(vocab_size / PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF
@@ -249,11 +236,7 @@ def _inline_config(config: LLMConfig, vocab_size: int) -> PretrainedConfig:
     model_type = fields.pop("model_type", None)
     if model_type is None:
         raise ValueError("llm.config needs a model_type (e.g. llama) when llm.name is not set")
-    known = AutoConfig.for_model(model_type).to_dict()
-    unknown = sorted(set(fields) - set(known))
-    if unknown:
-        raise ValueError(f"llm.config has keys that {model_type} configs do not know: {unknown}")
-    fields = {key: _coerce(value, known[key]) for key, value in fields.items()}
+    fields, known = inline_fields(model_type, fields, "llm.config")
     fields.setdefault("vocab_size", padded_vocab(vocab_size))
     for key in TOKEN_ID_FIELDS:
         # defaults sized for the original vocabulary (phi3: pad 32000) would not fit a small one

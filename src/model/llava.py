@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from src.data.conversation import IGNORE_INDEX
+from src.core.constants import IGNORE_INDEX
 from src.model.anyres import AnyresLayout, ImageNewline, grid_side
 from src.model.generation import Generated
 from src.model.generation import generate as generate_replies

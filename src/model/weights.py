@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-PARTS = ("vision", "projector", "llm")
+from src.core.constants import PARTS
+
 KIT_HPARAMS = ("tokenizer", "vision", "projector", "llm")  # what every LlavaLitModule checkpoint holds
 STATE_OR_CHECKPOINT = "a state dict or a kit checkpoint"  # what init_from takes
 SPECIAL_CKPT_PATHS = ("best", "last", "hpc")  # Lightning's names for a checkpoint it finds itself

@@ -16,7 +16,8 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import AutoTokenizer
 
-from src.data.conversation import IGNORE_INDEX, IMAGE_TAG
+from src.core.constants import IGNORE_INDEX, IMAGE_TAG, PARTS
+from src.data.spec import DataSpec
 from src.data.tokenizer import prepare_tokenizer
 from src.eval.answers import read_choice
 from src.eval.multiple_choice import MultipleChoiceAccuracy
@@ -25,12 +26,11 @@ from src.model.language import LLMConfig, build_llm, check_quantization
 from src.model.llava import LlavaModel
 from src.model.lora import apply_lora
 from src.model.projector import ProjectorConfig, build_projector
-from src.model.vision import VisionConfig, build_vision_tower
+from src.model.vision import VisionConfig, build_vision_tower, weights_from_hub
 from src.model.weights import load_parts, read_state
 from src.training.accumulation import TokenWindow, scale_gradients
 from src.training.sharding import FSDPConfig, cast_frozen, checkpoint_blocks, compile_blocks, shard_model
 from src.training.stage import (  # noqa: F401  (FreezeConfig, OptimizerConfig, warmup_cosine: the stage API)
-    PARTS,
     FreezeConfig,
     OptimizerConfig,
     apply_freeze,
@@ -68,14 +68,6 @@ def _oom_advice(module: LightningModule, batch: dict | None):
             "(trainer.strategy: ModelParallelStrategy) to shard parameters and optimizer state; a shorter "
             "data.max_length; freeze.llm: lora"
         ) from error
-
-
-def _pretrained_tower(config: VisionConfig) -> bool:
-    if config.type == "fused":
-        return all(_pretrained_tower(_as_config(VisionConfig, tower)) for tower in config.towers)
-    if config.type == "hf":
-        return config.name is not None and config.pretrained is not False
-    return bool(config.pretrained)
 
 
 class LlavaLitModule(LightningModule):
@@ -209,7 +201,7 @@ class LlavaLitModule(LightningModule):
         parts = set(self.init_parts)
         if self.llm_config.name is not None:
             parts.add("llm")
-        if _pretrained_tower(self.vision_config):
+        if weights_from_hub(self.vision_config):  # each tower family says so itself
             parts.add("vision")
         return parts
 
@@ -235,16 +227,20 @@ class LlavaLitModule(LightningModule):
             if key.split(".", 1)[0] in rebuilt:
                 state.setdefault(f"model.{key}", value)
 
-    def data_spec(self) -> dict:
-        """What the data pipeline needs of the model, and nothing more."""
+    def data_spec(self) -> DataSpec:
+        """What the data pipeline needs of the model, and nothing more (`src.data.spec`).
+
+        The transform and token counts come from the built parts: asked before `configure_model`
+        ran (outside a Trainer), it builds them here.
+        """
         self.configure_model()
         assert self.model is not None
-        return {
-            "tokenizer": self.tokenizer,
-            "image_transform": self.model.vision.image_transform(),
-            "image_tokens": self.model.image_tokens,
-            "image_token_count": self.model.image_token_count,  # anyres: tokens per image follow its size
-        }
+        return DataSpec(
+            tokenizer=self.tokenizer,
+            image_transform=self.model.vision.image_transform(),
+            image_tokens=self.model.image_tokens,
+            image_token_count=self.model.image_token_count,  # anyres: tokens per image follow its size
+        )
 
     # ---- steps ----------------------------------------------------------------------
     def forward(self, batch: dict):

@@ -32,7 +32,7 @@ class FSDPConfig:
     """Free gathered parameters after each block's forward (ZeRO-3); false keeps them (ZeRO-2, faster)."""
     activation_checkpointing: bool = False
     """Recompute each trained block in backward (non-reentrant) instead of keeping its activations: the
-    tower's blocks of any tower type (its `wrap_modules()`) and the LLM's decoder layers (`checkpoint_blocks`)."""
+    tower's blocks of any tower type (its `VisionTower.wrap_modules()`) and the LLM's decoder layers (`checkpoint_blocks`)."""
     compile_blocks: bool = False
     """torch.compile each decoder layer in place (checkpoint keys unchanged), before sharding, as
     torchtitan does. The first steps pay the compilation (and each new shape family a recompile);
@@ -116,29 +116,52 @@ def wrap_in_place(root: nn.Module, targets: list[nn.Module], wrap) -> None:
         setattr(parent, name, wrap(child))
 
 
-def checkpoint_blocks(model: nn.Module, llm: bool = True) -> dict[str, int]:
-    """Wraps every trained block for activation checkpointing (non-reentrant); returns how many per part.
-    `llm=False` leaves the decoder layers alone: with `model.llm.gradient_checkpointing` transformers
-    already recomputes them, and a second wrapper would run each trained layer's forward three times.
-
-    The blocks are the tower's own (`wrap_modules()`: a timm ViT's blocks or CNN's stages, a
-    transformers tower's encoder layers, each tower's of a fused one) and the LLM's decoder layers;
-    a block trains when any of its parameters does (a LoRA adapter counts). Frozen blocks are left
-    alone: a frozen tower runs without autograd, and the recomputation of frozen decoder layers that
-    gradients pass through is `model.llm.gradient_checkpointing`'s job.
-    """
+def checkpoint_trained(root: nn.Module, blocks: list[nn.Module]) -> int:
+    """Wraps each of `blocks` (submodules of `root`) that trains for activation checkpointing
+    (non-reentrant), in place; returns how many. A block trains when any of its parameters does."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
     def wrap(block: nn.Module) -> nn.Module:
         return checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
-    counts = {}
+    trained = [block for block in blocks if any(p.requires_grad for p in block.parameters())]
+    wrap_in_place(root, trained, wrap)
+    return len(trained)
+
+
+def checkpoint_blocks(model: nn.Module, llm: bool = True) -> dict[str, int]:
+    """Wraps every trained block for activation checkpointing (non-reentrant); returns how many per part.
+    `llm=False` leaves the decoder layers alone: with `model.llm.gradient_checkpointing` transformers
+    already recomputes them, and a second wrapper would run each trained layer's forward three times.
+
+    The blocks are the tower's own (`VisionTower.wrap_modules()`: a timm ViT's blocks or CNN's
+    stages, a transformers tower's encoder layers, each tower's of a fused one) and the LLM's
+    decoder layers; a block trains when any of its parameters does (a LoRA adapter counts). Frozen
+    blocks are left alone: a frozen tower runs without autograd, and the recomputation of frozen
+    decoder layers that gradients pass through is `model.llm.gradient_checkpointing`'s job.
+    """
     parts = [("vision", model.vision.wrap_modules()), ("llm", list(decoder_layers(model)) if llm else [])]
-    for part, blocks in parts:
-        trained = [block for block in blocks if any(p.requires_grad for p in block.parameters())]
-        wrap_in_place(model, trained, wrap)
-        counts[part] = len(trained)
-    return counts
+    return {part: checkpoint_trained(model, blocks) for part, blocks in parts}
+
+
+def tower_units(tower: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The tower's FSDP2 units, in the order they are sharded: each block, then the tower (its
+    leftovers: embeddings, norms, a fused tower's glue)."""
+    return [*((f"vision.block{i}", block) for i, block in enumerate(tower.wrap_modules())), ("vision", tower)]
+
+
+def shard_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every FSDP2 unit of the model, inner before outer, as `fully_shard` must be applied: the
+    tower's, the anyres newline (run outside the projector), the projector, each decoder layer,
+    then the root (the LLM's embeddings, final norm and head)."""
+    units = tower_units(model.vision)
+    newline = getattr(model.projector, "anyres", None)
+    if newline is not None:
+        units.append(("projector.anyres", newline))
+    units.append(("projector", model.projector))
+    units += [(f"llm.layer{i}", layer) for i, layer in enumerate(decoder_layers(model))]
+    units.append(("root", model))
+    return units
 
 
 def shard_model(model: nn.Module, mesh, config: FSDPConfig) -> list[str]:
@@ -147,29 +170,15 @@ def shard_model(model: nn.Module, mesh, config: FSDPConfig) -> list[str]:
 
     policy = MixedPrecisionPolicy(param_dtype=_dtype(config.param_dtype), reduce_dtype=_dtype(config.reduce_dtype))
     options = {"mesh": mesh, "mp_policy": policy, "reshard_after_forward": config.reshard_after_forward}
-    units = []
-    for i, block in enumerate(model.vision.wrap_modules()):
-        fully_shard(block, **options)
-        units.append(f"vision.block{i}")
-    fully_shard(model.vision, **options)
-    units.append("vision")
-    newline = getattr(model.projector, "anyres", None)  # anyres unpad's image_newline: run outside the projector
-    if newline is not None:
-        fully_shard(newline, **options)
-        units.append("projector.anyres")
-    fully_shard(model.projector, **options)
-    units.append("projector")
-    for i, layer in enumerate(decoder_layers(model)):
-        fully_shard(layer, **options)
-        units.append(f"llm.layer{i}")
-    fully_shard(model, **options)
-    units.append("root")
+    units = shard_units(model)
+    for _, module in units:
+        fully_shard(module, **options)
     # evaluation and generation call these instead of forward: the root's own parameters (embeddings,
     # final norm, head) must be gathered around them too; every rank runs the tower (encode_always)
     for method in ("score_candidates", "generate", "reply"):
         register_fsdp_forward_method(model, method)
     model.encode_always = True
-    return units
+    return [name for name, _ in units]
 
 
 def cast_frozen(model: nn.Module, dtype: str | None) -> list[str]:

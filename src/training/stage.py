@@ -14,7 +14,8 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-PARTS = ("vision", "projector", "llm")
+from src.core.constants import PARTS
+
 PART_MODES = {
     "vision": ("frozen", "full", "partial"),
     "projector": ("frozen", "full"),

@@ -661,6 +661,45 @@ def test_datamodule_loaders(demo_dir, tokenizer, image_transform, keys_by_pixels
     assert {k for b in test for k in row_keys(b, keys_by_pixels)} == {f"scene2_{i:06d}" for i in range(1, 10, 2)}
 
 
+def test_the_spec_reaches_the_datamodule_as_a_value_a_source_or_the_trainer_s_module(
+    demo_dir, tokenizer, image_transform
+):
+    """No model in sight: the tokenizer and transform handed over as values make the same batches as
+    the Trainer's module would; a source is asked once; without any, a clear error."""
+    from src.data.spec import DataSpec
+
+    def datamodule() -> LlavaDataModule:
+        return LlavaDataModule(val_shards=f"{demo_dir}/val-000000.tar", num_workers=0, system_prompt="")
+
+    given = datamodule()
+    with pytest.raises(RuntimeError, match="LlavaDataModule needs a DataSpec .* set datamodule.spec or"):
+        given.val_dataloader()
+    given.spec = DataSpec(tokenizer, image_transform, IMAGE_TOKENS)
+    by_value = list(given.val_dataloader())
+    under_trainer = datamodule()
+    under_trainer.trainer = fake_trainer(tokenizer, image_transform)
+    by_module = list(under_trainer.val_dataloader())
+    assert isinstance(under_trainer.spec, DataSpec)  # the module's dict, as a spec
+    assert len(by_value) == len(by_module) > 0
+    for a, b in zip(by_value, by_module, strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+    assert given.pad_id() == tokenizer.pad_token_id
+    prompts = given.example_builder("prompt")
+    assert prompts.encoder.tokenizer is tokenizer and prompts.views == ["prompt"]
+
+    asked = []
+    source = SimpleNamespace(data_spec=lambda: asked.append(1) or DataSpec(tokenizer, image_transform, IMAGE_TOKENS))
+    sourced = datamodule()
+    sourced.spec_source = source
+    sourced.val_dataloader(), sourced.val_dataloader()
+    assert asked == [1]
+
+    no_spec = datamodule()
+    no_spec.trainer = SimpleNamespace(lightning_module=SimpleNamespace(), global_rank=0, world_size=1)
+    with pytest.raises(RuntimeError, match="whose LightningModule has data_spec"):
+        no_spec.val_dataloader()
+
+
 def test_datamodule_reads_a_list_of_training_views(demo_dir, tokenizer, image_transform, keys_by_pixels):
     dm = LlavaDataModule(
         train_shards=f"{demo_dir}/train-000000.tar", train_view=["conversations", "caption"], batch_size=4,

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
+from tiny_models import tiny_hf_vision_configs
 from transformers import AutoConfig, AutoModel, CLIPConfig, CLIPModel, CLIPVisionModel
 from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
 
@@ -35,17 +36,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(patch_size=16, embed_dim=32, depth=3, num_heads=2)
 TINY_CONVNEXT = dict(dims=(8, 16, 24, 32), depths=(1, 1, 1, 1))
-LAYERS = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2)
-HF_CONFIGS = {  # 32 px images in 8 px patches: a 4x4 grid each
-    "clip": dict(model_type="clip_vision_model", image_size=32, patch_size=8, intermediate_size=64, **LAYERS),
-    "siglip": dict(model_type="siglip_vision_model", image_size=32, patch_size=8, intermediate_size=64, **LAYERS),
-    "siglip2": dict(model_type="siglip2_vision_model", num_patches=16, patch_size=8, intermediate_size=64, **LAYERS),
-    "dinov2": dict(model_type="dinov2", image_size=32, patch_size=8, mlp_ratio=2, **LAYERS),
-    "dinov2_reg": dict(
-        model_type="dinov2_with_registers", image_size=32, patch_size=8, mlp_ratio=2, num_register_tokens=2, **LAYERS
-    ),
-}
-PREFIX_TOKENS = {"clip": 1, "siglip": 0, "siglip2": 0, "dinov2": 1, "dinov2_reg": 3}
+HF_CONFIGS = tiny_hf_vision_configs(width=32, intermediate=64)  # 32 px images in 8 px patches: 4x4
+PREFIX_TOKENS = {"clip": 1, "siglip": 0, "siglip2": 0, "dinov2": 1, "dinov2_registers": 3}
 
 
 def tiny_config(**options) -> VisionConfig:

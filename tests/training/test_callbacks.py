@@ -1,7 +1,7 @@
-"""TrainingTelemetry and SampleGenerations: the FLOPs model, peak lookup and gradient norm by
-hand, then one tiny `Trainer.fit` whose TensorBoard event file is read back.
+"""TrainingTelemetry and SampleGenerations: batch counts and gradient norm by hand, then one tiny
+`Trainer.fit` whose TensorBoard event file is read back (the FLOPs model alone: test_flops.py).
 
-The fit runs under a controlled clock (the callbacks module's `time` is replaced, nothing
+The fit runs under a controlled clock (the telemetry module's `time` is replaced, nothing
 else's): the "compute" and "loader" phases advance it by fixed amounts, so step times, data
 wait and every rate are exact numbers instead of timing noise.
 """
@@ -25,25 +25,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from src.data.conversation import IGNORE_INDEX
 from src.data.datamodule import LlavaDataModule
-from src.model.language import LLMConfig
-from src.model.lora import LoraSettings
 from src.model.vision import VisionConfig
-from src.training import callbacks as callbacks_module
-from src.training.callbacks import (
-    BatchCounts,
-    FlopsModel,
-    SampleGenerations,
-    TrainingTelemetry,
-    chip_of,
-    flops_model,
-    flops_model_of,
-    flops_per_token,
-    gradient_norm,
-    mfu,
-    peak_flops_of,
-    unnormalise,
-)
+from src.training import telemetry as telemetry_module
+from src.training.callbacks import SampleGenerations, TrainingTelemetry
+from src.training.flops import flops_model_of
 from src.training.module import FreezeConfig, LlavaLitModule, OptimizerConfig, warmup_cosine
+from src.training.sample_generations import unnormalise
+from src.training.telemetry import BatchCounts, gradient_norm
 
 TINY = {
     "vision": VisionConfig(
@@ -55,104 +43,6 @@ TINY = {
 COMPUTE_S, WAIT_S, VALIDATION_S = 0.25, 0.5, 10.0
 PEAK = 1e9
 STEPS = 4
-
-
-# ---- the FLOPs model by hand ----------------------------------------------------------------
-
-
-def test_flops_model_counts_trained_frozen_through_and_frozen_at_the_input():
-    # LLaVA stage 1: frozen tower (2N, no autograd), trained projector (6N), frozen LLM the
-    # gradient crosses (4N), its head too; attention 12 * layers * hidden
-    stage1 = {"vision": (0, 100), "projector": (10, 10), "llm": (0, 1000), "head": (0, 50)}
-    model = flops_model(stage1, layers=2, hidden=8, llm_mode="frozen", tower_tokens=5, image_tokens=4)
-    assert model == FlopsModel(per_token=4 * 1000, per_supervised_token=4 * 50, attention=12 * 2 * 8,
-                               per_view=2 * 100 * 5 + 6 * 10 * 4)  # fmt: skip
-    # everything trains: 6N everywhere
-    full = {"vision": (100, 100), "projector": (10, 10), "llm": (1000, 1000), "head": (50, 50)}
-    model = flops_model(full, layers=2, hidden=8, tower_tokens=5, image_tokens=4)
-    assert model == FlopsModel(6000, 300, 192, 6 * 100 * 5 + 6 * 10 * 4)
-    # a projector frozen above a trained tower lets the gradient through: 4N
-    model = flops_model({**full, "projector": (0, 10)}, layers=2, hidden=8, tower_tokens=5, image_tokens=4)
-    assert model.per_view == 6 * 100 * 5 + 4 * 10 * 4
-
-
-def test_flops_model_of_lora_and_partial_llms():
-    # LoRA with everything below frozen: base 4N (its adapters sit in every layer), adapter 6N
-    lora = {"vision": (0, 100), "projector": (0, 10), "llm": (20, 1020), "head": (0, 50)}
-    model = flops_model(lora, layers=2, hidden=8, llm_mode="lora", tower_tokens=5, image_tokens=4)
-    assert model == FlopsModel(6 * 20 + 4 * 1000, 4 * 50, 12 * 2 * 8, 2 * 100 * 5 + 2 * 10 * 4)
-    # the last of 2 layers trains, nothing below: the frozen layers run forward only (2N), the
-    # attention of one layer has a backward (3 x 4 x hidden) and of the other not (4 x hidden)
-    partial = {"vision": (0, 100), "projector": (0, 10), "llm": (300, 1000), "head": (0, 50)}
-    model = flops_model(partial, layers=2, hidden=8, llm_mode="partial", trained_layers=1)
-    assert (model.per_token, model.attention, model.per_supervised_token) == (6 * 300 + 2 * 700, 4 * 8 * (1 + 3), 200)
-
-
-def _params(module, exclude=()) -> tuple[int, int]:
-    ids = {id(p) for p in exclude}
-    params = [p for p in module.parameters() if id(p) not in ids]
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_flops_model_of_a_built_module_leaves_out_embeddings_and_counts_the_head_per_supervised_token(demo_dir, mode):
-    llm = TINY["llm"] if mode == "full" else LLMConfig(config=TINY["llm"]["config"], lora=LoraSettings(r=4, alpha=8))
-    freeze = FreezeConfig("full", "full", "full") if mode == "full" else FreezeConfig("frozen", "full", "lora")
-    module = LlavaLitModule(str(demo_dir / "tokenizer"), freeze=freeze, **{**TINY, "llm": llm})
-    module.configure_model()
-    model = module.model
-    embed, head = model.llm.get_input_embeddings().weight, model.llm.get_output_embeddings().weight
-    (v_t, v_all), (p_t, p_all) = _params(model.vision), _params(model.projector)
-    l_t, l_all = _params(model.llm, exclude=[embed, head])
-    assert (model.vision.num_tokens, model.image_tokens) == (4, 4) and p_t == p_all  # the projector trains
-    got = flops_model_of(module)
-    if mode == "full":
-        assert got == FlopsModel(6 * l_all, 6 * head.numel(), 12 * 2 * 32, 6 * v_all * 4 + 6 * p_all * 4)
-    else:
-        assert 0 < l_t < l_all and v_t == 0
-        assert got == FlopsModel(
-            6 * l_t + 4 * (l_all - l_t), 4 * head.numel(), 12 * 2 * 32, 2 * v_all * 4 + 6 * p_all * 4
-        )
-    per_token = flops_per_token(module, seq_len=100, views_per_token=0.01, supervised_fraction=0.25)
-    assert per_token == pytest.approx(
-        got.per_token + got.attention * 100 + got.per_view * 0.01 + 0.25 * got.per_supervised_token
-    )
-
-
-def test_step_flops_and_mfu():
-    model = FlopsModel(per_token=10.0, per_supervised_token=3.0, attention=2.0, per_view=100.0)
-    # two examples of 3 and 5 tokens, 4 supervised, 2 views
-    assert model.step_flops(tokens=8, squared_lengths=9 + 25, supervised=4, views=2) == 80 + 68 + 12 + 200
-    assert mfu(flops=1e12, seconds=2.0, peak_flops=1e12, devices=2) == 0.25
-
-
-@pytest.mark.parametrize(
-    ("name", "chip", "bf16"),
-    [
-        ("NVIDIA H100 80GB HBM3", "h100 sxm", 989.4e12),
-        ("NVIDIA H100 PCIe", "h100 pcie", 756e12),
-        ("NVIDIA H100 NVL", "h100 nvl", 835.5e12),
-        ("NVIDIA H200", "h200", 989.5e12),
-        ("NVIDIA H200 NVL", "h200 nvl", 835.5e12),
-        ("NVIDIA A100-SXM4-80GB", "a100", 312e12),
-        ("NVIDIA A100-SXM4-40GB", "a100", 312e12),
-        ("NVIDIA A100 80GB PCIe", "a100", 312e12),
-        ("NVIDIA L40S", "l40s", 362.05e12),
-        ("NVIDIA L40", None, None),
-        ("NVIDIA GeForce RTX 4090", None, None),
-    ],
-)
-def test_peak_flops_by_the_name_torch_reports(name, chip, bf16):
-    assert chip_of(name) == chip
-    assert peak_flops_of(name, "bf16") == bf16
-
-
-def test_peak_table_from_yaml_comes_first_and_missing_dtypes_are_none():
-    assert peak_flops_of("NVIDIA GeForce RTX 4090", "bf16", {"RTX 4090": 165.2e12}) == 165.2e12
-    assert peak_flops_of("NVIDIA H100 80GB HBM3", "bf16", {"h100": 1.0}) == 1.0
-    assert peak_flops_of("NVIDIA A100-SXM4-80GB", "fp8") is None
-    with pytest.raises(ValueError, match="unknown dtype 'bfloat16'"):
-        TrainingTelemetry(dtype="bfloat16")
 
 
 # ---- batches and gradients ------------------------------------------------------------------
@@ -241,7 +131,7 @@ def test_window_rates_and_gradient_accumulation_without_a_trainer(monkeypatch):
     """Two batches per optimizer step (accumulation): one step = both batches' tokens and
     times; with window 2 the rates cover the last two steps, logged every step."""
     clock = SimpleNamespace(t=0.0)
-    monkeypatch.setattr(callbacks_module, "time", SimpleNamespace(perf_counter=lambda: clock.t))
+    monkeypatch.setattr(telemetry_module, "time", SimpleNamespace(perf_counter=lambda: clock.t))
     logger = _FakeLogger()
     trainer = SimpleNamespace(global_step=0, log_every_n_steps=1, loggers=[logger], world_size=1, optimizers=[])
     module = SimpleNamespace(device=torch.device("cpu"), log=lambda *a, **k: None, parameters=lambda: [])
@@ -272,7 +162,7 @@ def test_window_rates_and_gradient_accumulation_without_a_trainer(monkeypatch):
 
 
 class _Clock:
-    """Stands in for `time` in the callbacks module; advanced by `_Phases`."""
+    """Stands in for `time` in the telemetry module; advanced by `_Phases`."""
 
     def __init__(self) -> None:
         self.t = 1000.0
@@ -312,6 +202,7 @@ class _Record(Callback):
         self.counts.append(BatchCounts(
             tokens=sum(lengths), samples=len(lengths), images=batch["pixel_values"].shape[0],
             squared_lengths=sum(n * n for n in lengths), supervised=int((labels[:, 1:] != IGNORE_INDEX).sum()),
+            image_tokens=int((batch["input_ids"] == pl_module.image_token_id).sum()),
         ))  # fmt: skip
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -345,7 +236,7 @@ def fit(demo_dir, shards, tmp_path_factory):
     )  # fmt: skip
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(callbacks_module, "time", clock)
+            patch.setattr(telemetry_module, "time", clock)
             trainer.fit(module, data)
     finally:
         torch.set_num_threads(threads)
@@ -376,6 +267,9 @@ def test_every_step_logs_throughput_wait_and_memory_at_the_loss_s_step(fit):
         )
         assert s["perf/samples_per_s"][step] == pytest.approx(4 / seconds)
         assert s["perf/images_per_s"][step] == pytest.approx(counts.images / seconds)
+        assert counts.image_tokens > 0
+        assert s["perf/image_tokens_per_s"][step] == pytest.approx(counts.image_tokens / seconds)
+        assert s["perf/image_tokens_per_sample"][step] == pytest.approx(counts.image_tokens / 4)
     # the progress bar shows the last rate and the module's loss
     bar = fit.trainer.progress_bar_metrics
     assert bar["tok/s"] == pytest.approx(s["perf/tokens_per_s"][STEPS - 1]) and "train/loss" in bar
