@@ -1,9 +1,11 @@
-"""To and from transformers' own Llava format (`LlavaForConditionalGeneration`).
+"""To and from transformers' own Llava format (`LlavaForConditionalGeneration`), and for
+`image_mode: anyres` models its LlavaNext format (`LlavaNextForConditionalGeneration`, `src.export_next`).
 
-A folder written by `to-hf` loads with `LlavaForConditionalGeneration.from_pretrained` and
-`AutoProcessor.from_pretrained`, so vLLM, SGLang and lmms-eval read it too. `from-hf` turns
-such a folder (e.g. `llava-hf/llava-1.5-7b-hf`) into our model config plus weights, so a
-released model can be trained further with this kit.
+A folder written by `to-hf` loads with `LlavaForConditionalGeneration` (or `LlavaNextForConditionalGeneration`,
+or `AutoModelForImageTextToText`) `.from_pretrained` and `AutoProcessor.from_pretrained`, so vLLM, SGLang
+and lmms-eval read it too. `from-hf` turns such a folder (e.g. `llava-hf/llava-1.5-7b-hf`,
+`llava-hf/llava-v1.6-vicuna-7b-hf`) into our model config plus weights, so a released model can be
+trained further with this kit.
 
 Usage:
     python -m src.export to-hf --ckpt runs/x/last.ckpt --out exported/
@@ -16,9 +18,14 @@ bos / eos / pad ids are the tokenizer's, with the run's `model.generation` setti
 writes the source's chat template into the imported tokenizer and sets `data.template:
 chat_template`, so an imported model is prompted with the tokens its processor would produce.
 
-Only parts that map onto transformers' Llava are exported: a transformers CLIP or SigLIP
-tower, a `linear` or `mlp` (depth 1 or 2) projector, any causal LM (LoRA merged first). For
-anything else the export stops and names the part.
+The image processor written is transformers' PIL backend, which makes the kit's pixels bit for
+bit; transformers 5's `AutoProcessor` picks its torchvision backend when torchvision is installed
+(another resize), and a folder cannot choose for it: pass `backend="pil"`.
+
+Only parts that map onto transformers' Llava / LlavaNext are exported (`src.export_parts`): a
+transformers CLIP or SigLIP tower at its own size, a `linear` or `mlp` (depth 1 or 2) projector, any
+causal LM (LoRA merged first), and for anyres the `unpad` merge. For anything else the export stops
+and names the part.
 """
 
 from __future__ import annotations
@@ -34,105 +41,23 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch import nn
 
 from src.data.conversation import IMAGE_TAG, TEMPLATES, build_template
+from src.export_next import from_llava_next, llava_next_processor, to_llava_next
+from src.export_parts import NotExportable, assemble, check_tower, common_parts, kit_model_config, kit_state
 from src.model.language import LLMConfig
 from src.model.llava import LlavaModel
-from src.model.projector import LinearProjector, MLPProjector, ProjectorConfig
+from src.model.projector import ProjectorConfig
 from src.model.vision import VisionConfig
 from src.model.weights import NotACheckpoint, read_checkpoint
 
-EXPORTABLE_TOWERS = {"clip_vision_model": "CLIP", "siglip_vision_model": "SigLIP"}
 EXPORTABLE_IMAGE_MODES = ("resize", "resize_crop", "pad")
 
 
-class NotExportable(ValueError):
-    """A part of the model has no place in transformers' Llava."""
-
-
 # ---- ours -> transformers ---------------------------------------------------------------
-def _hf_tower(model: LlavaModel):
-    tower = model.vision
-    hf = getattr(tower, "model", None)
-    model_type = getattr(getattr(hf, "config", None), "model_type", None)
-    if model_type not in EXPORTABLE_TOWERS:
-        kind = type(tower).__name__ if model_type is None else f"a transformers {model_type!r} tower"
-        raise NotExportable(
-            f"vision: {kind} does not map onto transformers' Llava, which needs a transformers CLIP or SigLIP "
-            "tower (vision.type: hf with model_type clip_vision_model or siglip_vision_model)"
-        )
-    return tower, hf
-
-
-def _select_strategy(tower, model_type: str) -> str:
-    """`default` drops the one CLS token; `full` keeps every token (SigLIP has none)."""
-    if model_type == "clip_vision_model":
-        return "default" if tower.num_prefix_tokens == 0 else "full"
-    return "full"
-
-
-def _projector_state(projector: nn.Module, llm_hidden: int) -> tuple[dict[str, torch.Tensor], str]:
-    """transformers' projector is always linear_1 -> act -> linear_2."""
-    if isinstance(projector, MLPProjector):
-        linears = [m for m in projector.layers if isinstance(m, nn.Linear)]
-        if len(linears) == 2:
-            first, second = linears
-            return {
-                "linear_1.weight": first.weight,
-                "linear_1.bias": first.bias,
-                "linear_2.weight": second.weight,
-                "linear_2.bias": second.bias,
-            }, "gelu"
-        if len(linears) == 1:
-            projector_linear = linears[0]
-        else:
-            raise NotExportable(
-                f"projector: mlp of depth {len(linears)} does not map onto transformers' Llava (depth 1 or 2 does)"
-            )
-    elif isinstance(projector, LinearProjector):
-        projector_linear = projector.proj
-    else:
-        raise NotExportable(
-            f"projector: {type(projector).__name__} does not map onto transformers' Llava; only `linear` and "
-            "`mlp` (depth 1 or 2) do"
-        )
-    # a single linear map = linear_1, an identity activation, and linear_2 = I (exact in float)
-    weight = projector_linear.weight
-    eye = torch.eye(llm_hidden, dtype=weight.dtype, device=weight.device)
-    return {
-        "linear_1.weight": weight,
-        "linear_1.bias": projector_linear.bias,
-        "linear_2.weight": eye,
-        "linear_2.bias": torch.zeros(llm_hidden, dtype=weight.dtype, device=weight.device),
-    }, "linear"
-
-
-def _plain_llm(model: LlavaModel) -> nn.Module:
-    """The causal LM with any LoRA adapter merged into its weights (in place, see `merge_lora`)."""
-    from peft import PeftModel
-
-    from src.model.lora import merge_lora
-
-    return merge_lora(model) if isinstance(model.llm, PeftModel) else model.llm
-
-
-def _fill_runtime_buffers(hf: nn.Module, sources: dict[str, nn.Module]) -> None:
-    """Non-persistent buffers (rotary frequencies, position ids) are not in any state dict:
-    a model built on the meta device gets them from the modules it was made of."""
-    for prefix, module in sources.items():
-        for name, buffer in module.named_buffers():
-            owner_name, _, leaf = f"{prefix}.{name}".rpartition(".")
-            owner = hf.get_submodule(owner_name)
-            if getattr(owner, leaf).is_meta:
-                owner.register_buffer(leaf, buffer.detach().clone(), persistent=False)
-    left = [name for name, b in hf.named_buffers() if b.is_meta]
-    if left:
-        raise NotExportable(f"buffers without values after export: {left[:5]}")
-
-
 def to_transformers(model: LlavaModel, image_token_id: int, vocab_size: int | None = None):
-    """Our model as a `LlavaForConditionalGeneration` with the same weights (shared, not copied).
+    """Our model as a `LlavaForConditionalGeneration` (an anyres model: `LlavaNextForConditionalGeneration`,
+    `src.export_next`) with the same weights (shared, not copied).
 
     `vocab_size` (the tokenizer's length) drops the rows we pad the vocabulary with: they are
     hidden from our decoding by a hook that transformers would not have, so the exported
@@ -140,50 +65,21 @@ def to_transformers(model: LlavaModel, image_token_id: int, vocab_size: int | No
     """
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    tower, hf_tower = _hf_tower(model)
-    model_type = hf_tower.config.model_type
-    llm = _plain_llm(model)
-    text_config = copy.deepcopy(llm.config)
-    rows = text_config.vocab_size if vocab_size is None else vocab_size
-    text_config.vocab_size = rows
-    projector_state, activation = _projector_state(model.projector, text_config.hidden_size)
-    vision_config = copy.deepcopy(hf_tower.config)
-    # our tower keeps only the blocks up to the feature layer: its last block is the one read
-    vision_config.num_hidden_layers = tower.layer + 1
+    if model.anyres_layout is not None:
+        return to_llava_next(model, image_token_id, vocab_size)
+    parts = common_parts(model, vocab_size)
     config = LlavaConfig(
-        vision_config=vision_config.to_dict(),
-        text_config=text_config.to_dict(),
+        vision_config=parts.vision_config.to_dict(),
+        text_config=parts.text_config.to_dict(),
         image_token_index=image_token_id,
         image_seq_length=model.image_tokens,
-        projector_hidden_act=activation,
-        vision_feature_select_strategy=_select_strategy(tower, model_type),
+        projector_hidden_act=parts.projector_act,
+        vision_feature_select_strategy=parts.select_strategy,
         vision_feature_layer=-1,
         multimodal_projector_bias=True,
-        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+        tie_word_embeddings=bool(getattr(parts.text_config, "tie_word_embeddings", False)),
     )
-    with torch.device("meta"):
-        hf = LlavaForConditionalGeneration(config)
-    decoder = llm.get_decoder()
-    embed_key = next(k for k, v in decoder.named_parameters() if v is decoder.get_input_embeddings().weight)
-    state = {f"model.vision_tower.{k}": v for k, v in hf_tower.state_dict().items()}
-    state |= {f"model.multi_modal_projector.{k}": v for k, v in projector_state.items()}
-    state |= {f"model.language_model.{k}": v for k, v in decoder.state_dict().items()}
-    state[f"model.language_model.{embed_key}"] = decoder.get_input_embeddings().weight[:rows]
-    state["lm_head.weight"] = llm.get_output_embeddings().weight[:rows]
-    expected = set(hf.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if config.tie_word_embeddings:
-        missing = [k for k in missing if k != "lm_head.weight"]
-        state.pop("lm_head.weight")
-    if missing or unexpected:
-        raise NotExportable(
-            f"weights do not match transformers' Llava: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    hf.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        hf.tie_weights()
-    _fill_runtime_buffers(hf, {"model.vision_tower": hf_tower, "model.language_model": decoder})
-    return hf.eval()
+    return assemble(LlavaForConditionalGeneration, config, parts, "Llava")
 
 
 def image_processor_for(transform, patch_size: int):
@@ -322,13 +218,28 @@ def _set_special_tokens(config, tokenizer) -> None:
         setattr(config, name, getattr(tokenizer, name))
 
 
+def llava_processor(module, hf, chat_template: str | None):
+    """transformers' LlavaProcessor making the kit's pixels and placeholders (its PIL image processor)."""
+    from transformers import LlavaProcessor
+
+    tower = module.model.vision
+    return LlavaProcessor(
+        image_processor=image_processor_for(tower.image_transform(), tower.model.config.patch_size),
+        tokenizer=module.tokenizer,
+        patch_size=tower.model.config.patch_size,
+        vision_feature_select_strategy=hf.config.vision_feature_select_strategy,
+        image_token=IMAGE_TAG,
+        num_additional_image_tokens=1 if tower.model.config.model_type == "clip_vision_model" else 0,
+        chat_template=chat_template,
+    )
+
+
 def export(
     module, out: str | Path, dtype: str | None = None, template: str | None = None, system_prompt: str | None = None
 ) -> Path:
-    """Writes model, tokenizer, processor and generation config of a built `LlavaLitModule` to `out`;
-    with `template` (the run's `data.template`), a chat template that prompts as the run did."""
-    from transformers import LlavaProcessor
-
+    """Writes model, tokenizer, processor and generation config of a built `LlavaLitModule` to `out`
+    (a Llava folder; LlavaNext for `image_mode: anyres`); with `template` (the run's `data.template`),
+    a chat template that prompts as the run did."""
     out = Path(out)
     if template is not None:
         TEMPLATES.get(template)  # an unknown name stops here, before any file is written
@@ -339,18 +250,8 @@ def export(
     settings = module.generation_settings() if hasattr(module, "generation_settings") else None
     hf.generation_config = generation_config_for(tokenizer, settings)
     chat_template = None if template is None else chat_template_for(template, system_prompt, tokenizer)
-    transform = module.model.vision.image_transform()
-    tower = module.model.vision
-    model_type = tower.model.config.model_type
-    processor = LlavaProcessor(
-        image_processor=image_processor_for(transform, tower.model.config.patch_size),
-        tokenizer=module.tokenizer,
-        patch_size=tower.model.config.patch_size,
-        vision_feature_select_strategy=hf.config.vision_feature_select_strategy,
-        image_token=IMAGE_TAG,
-        num_additional_image_tokens=1 if model_type == "clip_vision_model" else 0,
-        chat_template=chat_template,
-    )
+    make_processor = llava_next_processor if module.model.anyres_layout is not None else llava_processor
+    processor = make_processor(module, hf, chat_template)
     if dtype is not None:
         hf = hf.to(getattr(torch, dtype))
     out.mkdir(parents=True, exist_ok=True)
@@ -386,45 +287,19 @@ def _image_settings(folder: str | Path) -> dict:
 
 
 def from_transformers(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Our `model:` config and state dict for a transformers Llava folder or hub id."""
-    from transformers import AutoConfig, AutoModelForCausalLM, LlavaForConditionalGeneration
+    """Our `model:` config and state dict for a transformers Llava or LlavaNext folder or hub id."""
+    from transformers import AutoConfig, LlavaForConditionalGeneration
 
     config = AutoConfig.from_pretrained(folder)
+    if config.model_type == "llava_next":
+        return from_llava_next(folder, config)
     if config.model_type != "llava":
-        raise NotExportable(f"{folder} holds a {config.model_type!r} model, not 'llava'")
-    vision_type = config.vision_config.model_type
-    if vision_type not in EXPORTABLE_TOWERS:
-        raise NotExportable(f"{folder}: vision tower {vision_type!r} is not one we read (CLIP, SigLIP)")
-    if not isinstance(config.vision_feature_layer, int):
-        raise NotExportable(f"{folder}: several feature layers {config.vision_feature_layer} are not supported")
-    if config.projector_hidden_act != "gelu":
-        raise NotExportable(f"{folder}: projector activation {config.projector_hidden_act!r} is not gelu (mlp)")
+        raise NotExportable(f"{folder} holds a {config.model_type!r} model, not 'llava' or 'llava_next'")
+    vision_type = check_tower(folder, config)
     hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
-    strategy = config.vision_feature_select_strategy
-    has_cls = vision_type == "clip_vision_model"
-    model_config = {
-        "vision": {
-            "type": "hf",
-            "config": config.vision_config.to_diff_dict() | {"model_type": vision_type},
-            "feature_layer": int(config.vision_feature_layer),
-            "feature_select": "cls_patch" if has_cls and strategy == "full" else "patch",
-        }
-        | _image_settings(folder),
-        "projector": {"name": "mlp", "kwargs": {"depth": 2}},
-        "llm": {"config": config.text_config.to_diff_dict() | {"model_type": config.text_config.model_type}},
-    }
-    projector = hf.model.multi_modal_projector
-    state = {f"vision.model.{k}": v for k, v in hf.model.vision_tower.state_dict().items()}
-    state |= {
-        "projector.layers.0.weight": projector.linear_1.weight,
-        "projector.layers.0.bias": projector.linear_1.bias,
-        "projector.layers.2.weight": projector.linear_2.weight,
-        "projector.layers.2.bias": projector.linear_2.bias,
-    }
-    # our LLM is the causal-LM class: its decoder sits under that class's base-model prefix
-    prefix = AutoModelForCausalLM._model_mapping[type(config.text_config)].base_model_prefix
-    state |= {f"llm.{prefix}.{k}": v for k, v in hf.model.language_model.state_dict().items()}
-    state["llm.lm_head.weight"] = hf.lm_head.weight  # the same tensor as the embeddings when tied
+    model_config = kit_model_config(config, vision_type)
+    model_config["vision"] |= _image_settings(folder)
+    state = kit_state(hf, config)
     return model_config, {k: v.detach().clone() for k, v in state.items() if v is not None}
 
 

@@ -141,23 +141,52 @@ def test_lora_is_merged_into_the_exported_weights(demo_dir, tmp_path):
         assert (our_logits(module, batch) - before).abs().max() <= 1e-4  # ... computing what the adapter did
 
 
-def test_processor_makes_our_placeholders_and_pixels(demo_dir, tmp_path):
+def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Every pixel independent: the hardest case for a resampler, so any difference in resizing shows."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=generator)
+    return Image.fromarray(pixels.numpy())
+
+
+@pytest.mark.parametrize("mode", ["pad", "resize", "resize_crop"])
+def test_processor_makes_our_placeholders_and_pixels(demo_dir, tmp_path, mode):
+    """The exported processor with its PIL image processor (`backend="pil"`, as the docs say to load it):
+    the kit's pixels bit for bit on noise images of several sizes, and its placeholders."""
     from transformers import AutoProcessor
 
-    module = make_module(demo_dir / "tokenizer", {"image_mode": "pad"})
+    module = make_module(demo_dir / "tokenizer", {"image_mode": mode})
     export(module, tmp_path / "hf")
-    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
-    image = Image.new("RGB", (48, 24), (200, 30, 30))
-    image.paste((20, 20, 220), (0, 0, 12, 24))
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf", backend="pil")
+    assert type(processor.image_processor).__name__ == "LlavaImageProcessorPil"
+    transform = module.model.vision.image_transform()
     text = f"{IMAGE_TAG}\nwhat colour is the circle"
-    out = processor(text=text, images=image, return_tensors="pt")
-    ours = module.model.vision.image_transform()(image)
-    assert out["pixel_values"].shape == ours.shape == (1, 3, 32, 32)
-    assert (out["pixel_values"] - ours).abs().max() < 1e-5
-    ids = out["input_ids"][0].tolist()
-    assert ids.count(module.image_token_id) == module.model.image_tokens
+    for k, (width, height) in enumerate([(48, 24), (24, 48), (32, 32), (101, 37), (7, 5), (640, 427)]):
+        image = noise_image(width, height, seed=k)
+        out = processor(text=text, images=image, return_tensors="pt")
+        ours = transform(image)
+        assert out["pixel_values"].shape == ours.shape == (1, 3, 32, 32)
+        assert torch.equal(out["pixel_values"], ours), (mode, width, height)
+        ids = out["input_ids"][0].tolist()
+        assert ids.count(module.image_token_id) == module.model.image_tokens
     plain = module.tokenizer(text.replace(IMAGE_TAG, ""), add_special_tokens=False)["input_ids"]
     assert [t for t in ids if t != module.image_token_id][-len(plain) :] == plain
+
+
+def test_auto_processor_without_backend_picks_torchvision_whose_pixels_differ(demo_dir, tmp_path):
+    """Why the docs say `backend="pil"`: transformers 5 loads the torchvision backend by default, whatever the
+    folder's files say, and its resize is not PIL's."""
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+
+    if not is_torchvision_available():
+        pytest.skip("torchvision is not installed: AutoProcessor can only pick the PIL backend")
+    module = make_module(demo_dir / "tokenizer", {"image_mode": "pad"})
+    export(module, tmp_path / "hf")
+    default = AutoProcessor.from_pretrained(tmp_path / "hf")
+    assert type(default.image_processor).__name__ == "LlavaImageProcessor"  # the torchvision backend
+    image = noise_image(101, 37)
+    pixels = default(text=IMAGE_TAG, images=image, return_tensors="pt")["pixel_values"]
+    assert not torch.equal(pixels, module.model.vision.image_transform()(image))
 
 
 @pytest.mark.parametrize(
@@ -171,9 +200,18 @@ def test_processor_makes_our_placeholders_and_pixels(demo_dir, tmp_path):
          None, "vision: a transformers 'dinov2' tower does not map onto transformers' Llava"),
         ({}, {"name": "pixel_shuffle"}, "projector: PixelShuffleProjector does not map onto transformers' Llava"),
         ({}, {"name": "mlp", "kwargs": {"depth": 3}}, "projector: mlp of depth 3 does not map"),
-        ({"image_mode": "anyres"}, None, "vision.image_mode 'anyres' has no transformers Llava processor"),
+        ({"image_mode": "anyres", "anyres_merge": "flat"}, None,
+         "vision: anyres_merge 'flat' has no transformers LlavaNext equivalent: LlavaNext always merges"),
+        ({"image_size": 48}, None, "vision: the kit runs this CLIP tower at 48 px (vision.image_size), interpolating "
+         "position embeddings made for 32 px; transformers' Llava runs it at its config's 32 px"),
+        ({"image_mode": "anyres", "image_size": 48, "anyres_grids": [[96, 48], [48, 96]]}, None,
+         "vision: the kit runs this CLIP tower at 48 px (vision.image_size), interpolating position embeddings made "
+         "for 32 px; transformers' LlavaNext runs it"),
+        ({"image_mode": "anyres"}, {"name": "pixel_shuffle"}, "projector: PixelShuffleProjector does not map onto "
+         "transformers' LlavaNext"),
     ],
-    ids=["timm", "dinov2", "pixel_shuffle", "mlp3", "anyres"],
+    ids=["timm", "dinov2", "pixel_shuffle", "mlp3", "anyres-flat", "resized-tower", "anyres-resized-tower",
+         "anyres-pixel_shuffle"],
 )  # fmt: skip
 def test_parts_that_do_not_map_stop_the_export_and_say_which(demo_dir, tmp_path, vision, projector, message):
     module = make_module(demo_dir / "tokenizer", vision, projector)
@@ -258,3 +296,29 @@ def test_export_cli_from_a_lightning_checkpoint(demo_dir, tmp_path):
     assert main(["to-hf", "--ckpt", str(tmp_path / "m.ckpt"), "--out", str(tmp_path / "hf")]) == 0
     hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert_parity(module, hf, batch_for(module))
+
+
+def test_import_of_a_llava_folder_transformers_wrote_reading_layer_minus_2(demo_dir, tmp_path):
+    """llava-hf's shape: CLIP read at hidden_states[-2], so the folder holds one tower layer more than the kit
+    keeps; the import leaves it out (init_from would refuse it) and gives transformers' logits."""
+    from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir / "tokenizer")
+    vision = {k: v for k, v in CLIP.items() if k != "model_type"}
+    text = {k: v for k, v in LLAMA.items() if k != "model_type"} | {"vocab_size": len(tokenizer)}
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
+                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TAG), image_seq_length=16,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")  # fmt: skip
+    torch.manual_seed(4)
+    hf = LlavaForConditionalGeneration(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    assert main(["from-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")]) == 0
+    model = yaml.safe_load((tmp_path / "ours" / "model.yaml").read_text())["model"]
+    assert model["vision"]["feature_layer"] == -2
+    imported = LlavaLitModule(model["tokenizer"], vision=VisionConfig(**model["vision"]),
+                              projector=ProjectorConfig(**model["projector"]), llm=model["llm"],
+                              init_from=model["init_from"])  # fmt: skip
+    imported.configure_model()
+    assert imported.model.vision.layer == 1
+    assert_parity(imported.eval(), hf, batch_for(imported))

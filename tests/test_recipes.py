@@ -61,6 +61,9 @@ class Spec:
     llm_params: tuple[float, float]
     stage1: str | None = None  # the recipe whose result init_from loads
     sharded: bool = False  # FSDP2 through FSDP2Strategy (a ModelParallelStrategy)
+    max_length: int = 2048
+    image_mode: str = "pad"
+    anyres: tuple[tuple[int, int], ...] = ()  # anyres canvases [width, height], merged `unpad`
 
 
 def _llava15(size: str, llm: str, llm_params: tuple[float, float]) -> dict[str, Spec]:
@@ -78,8 +81,34 @@ def _llava15(size: str, llm: str, llm_params: tuple[float, float]) -> dict[str, 
     }  # fmt: skip
 
 
+LLAVA_NEXT_GRIDS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))  # --image_grid_pinpoints, in order
+
+
+def _llava_next(size: str, llm: str, llm_params: tuple[float, float]) -> dict[str, Spec]:
+    """LLaVA-NeXT: anyres + unpad with its pinpoints, max length 4096; stage 2 trains the tower too."""
+    common = dict(
+        tower=CLIP,
+        llm=llm,
+        image_tokens=576,
+        tower_params=(0.28e9, 0.30e9),
+        llm_params=llm_params,
+        max_length=4096,
+        image_mode="anyres",
+        anyres=LLAVA_NEXT_GRIDS,
+    )
+    stage1 = f"llava_next_{size}/stage1_align"
+    return {
+        stage1: Spec(modes=("frozen", "full", "frozen"), lr={"projector": 1e-3}, global_batch=256,
+                     samples=LCS_558K, template="plain", **common),
+        f"llava_next_{size}/stage2_finetune": Spec(
+            modes=("full", "full", "full"), lr={"projector": 2e-5, "llm": 2e-5, "vision": 2e-6}, global_batch=128,
+            samples=None, template="vicuna_v1", stage1=stage1, sharded=True, **common),
+    }  # fmt: skip
+
+
 SPECS: dict[str, Spec] = {
     **_llava15("7b", VICUNA_7B, (6.7e9, 6.8e9)),  # Llama-2-7B: 6.74e9
+    **_llava_next("7b", VICUNA_7B, (6.7e9, 6.8e9)),
     **_llava15("13b", VICUNA_13B, (12.9e9, 13.1e9)),  # Llama-2-13B: 13.02e9
     "small/siglip_qwen05b": Spec(
         tower=SIGLIP,
@@ -99,6 +128,7 @@ NOT_TRAINING = {  # their own tests load them
     "instruct",  # teacher settings for python -m src.instruct: tests/instruct
     "eval",  # judge settings: tests/eval
     "demo",  # CPU demo variants: tests/test_export_demo.py
+    "llava15",  # parts of the LLaVA-1.5 recipes (a shared base, one overlay per stage): see configs_of
 }
 RECIPES = sorted(  # training configs
     str(p.relative_to(EXPERIMENTS).with_suffix(""))
@@ -111,14 +141,95 @@ def test_every_recipe_has_a_spec_and_every_spec_a_recipe() -> None:
     assert RECIPES == sorted(SPECS)
 
 
+LLAVA15_PARTS = EXPERIMENTS / "llava15"
+
+
+def configs_of(recipe: str) -> list[Path]:
+    """The `--config` files a recipe runs with, in order. A LLaVA-1.5 recipe is composed: the base all six
+    share, its stage's overlay (shared by 7B and 13B), then its own file (size, run folder, checkpoints)."""
+    own = EXPERIMENTS / f"{recipe}.yaml"
+    if recipe.startswith("llava15_"):
+        return [LLAVA15_PARTS / "base.yaml", LLAVA15_PARTS / own.name, own]
+    return [own]
+
+
+def config_args(configs: list[Path]) -> list[str]:
+    return [arg for path in configs for arg in ("--config", str(path))]
+
+
 @functools.cache
-def parsed(recipe: str) -> dict:
-    """The resolved config `--print_config` prints (the CLI exits 0 after printing it)."""
+def resolved(configs: tuple[Path, ...]) -> dict:
+    """The config `fit --config ... --print_config` prints, merged and resolved (the CLI exits 0 after it)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(EXPERIMENTS / f"{recipe}.yaml"), "--print_config"])
+        main(["fit", *config_args(list(configs)), "--print_config"])
     assert exit_info.value.code in (0, None), out.getvalue()[-2000:]
     return yaml.safe_load(out.getvalue())
+
+
+def parsed(recipe: str) -> dict:
+    """A recipe's resolved config, as its documented command gives it."""
+    return resolved(tuple(configs_of(recipe)))
+
+
+# ---- the LLaVA-1.5 recipes are composed, and resolve exactly as the six whole files did -------------
+BEFORE = ROOT / "tests/fixtures/recipes"  # the recipes as whole files, before they were composed
+COMPOSED = sorted(str(p.relative_to(BEFORE).with_suffix("")) for p in BEFORE.rglob("*.yaml"))
+
+
+def test_the_composed_recipes_are_the_llava15_ones() -> None:
+    assert COMPOSED == [r for r in RECIPES if r.startswith("llava15_")] and len(COMPOSED) == 6
+
+
+@pytest.mark.parametrize("recipe", COMPOSED)
+def test_composed_recipe_resolves_as_the_whole_file_did(recipe: str) -> None:
+    """Every key of the resolved config (the CLI's defaults included) equal to what the whole file, kept
+    as a fixture, resolves to now: the composition changed where values are written, not one value."""
+    assert parsed(recipe) == resolved((BEFORE / f"{recipe}.yaml",))
+
+
+def documented_command(recipe: str) -> list[str]:
+    """The `--config` files of the last `python -m src.cli fit` command in the recipe's header comment."""
+    header = []
+    for line in (EXPERIMENTS / f"{recipe}.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("# ").rstrip("\\ "))
+    commands = " ".join(header).split("python -m src.cli fit")
+    words = commands[-1].split()
+    return [words[i + 1] for i, word in enumerate(words[:-1]) if word == "--config"]
+
+
+@pytest.mark.parametrize("recipe", COMPOSED)
+def test_each_recipe_documents_the_command_the_tests_run(recipe: str) -> None:
+    assert documented_command(recipe) == [str(p.relative_to(ROOT)) for p in configs_of(recipe)]
+
+
+def _keys(tree: dict, prefix: str = "") -> set[str]:
+    """The dotted keys a YAML file sets (a list is one value)."""
+    return {
+        key
+        for name, value in tree.items()
+        for key in (_keys(value, f"{prefix}{name}.") if isinstance(value, dict) else {f"{prefix}{name}"})
+    }
+
+
+@pytest.mark.parametrize("recipe", COMPOSED)
+def test_each_value_of_a_recipe_is_written_in_one_of_its_files(recipe: str) -> None:
+    """A later file that set a key again would hide a change made in the earlier one."""
+    written = [_keys(yaml.safe_load(path.read_text())) for path in configs_of(recipe)]
+    for i, earlier in enumerate(written):
+        for later in written[i + 1 :]:
+            assert not earlier & later
+
+
+def test_both_stage2_overlays_read_the_same_data() -> None:
+    """The one setting the two stage-2 overlays repeat (each is a whole stage): kept equal here."""
+    finetune, lora = (
+        yaml.safe_load((LLAVA15_PARTS / f"{name}.yaml").read_text())["data"]
+        for name in ("stage2_finetune", "stage2_lora")
+    )
+    assert finetune == lora
 
 
 def fixture_dir(hub_id: str) -> Path:
@@ -149,7 +260,7 @@ def test_global_batch_and_epoch_add_up(recipe: str) -> None:
     assert data["global_batch_size"] == spec.global_batch and trainer["accumulate_grad_batches"] == 1
     assert spec.global_batch % (data["batch_size"] * world) == 0
     assert data["samples_per_epoch"] == spec.samples and trainer["max_epochs"] == 1
-    assert trainer["precision"] == "bf16-mixed" and data["max_length"] == 2048
+    assert trainer["precision"] == "bf16-mixed" and data["max_length"] == spec.max_length
     strategy = trainer["strategy"]
     if spec.sharded:
         assert strategy["class_path"] == FSDP2  # every process one data-parallel rank, on any cluster
@@ -252,17 +363,19 @@ def test_recipe_builds_its_model_on_the_meta_device(recipe: str, monkeypatch: py
     assert model.image_tokens == spec.image_tokens == model.vision.grid[0] * model.vision.grid[1]
     assert spec.tower_params[0] < _count(model.vision) < spec.tower_params[1]
     assert model.vision.layer == model.vision.full_depth - 2  # the penultimate layer, the last one pruned
-    assert _count(model.projector) == tower_in * llm_width + llm_width + llm_width * llm_width + llm_width  # mlp2
+    newline = llm_width if spec.anyres else 0  # LLaVA-NeXT's image_newline, a parameter of the projector
+    assert _count(model.projector) == tower_in * llm_width + llm_width + llm_width * llm_width + llm_width + newline
     adapter = sum(p.numel() for name, p in model.llm.named_parameters() if "lora_" in name)
     assert spec.llm_params[0] < _count(model.llm) - adapter < spec.llm_params[1]
     transform = model.vision.image_transform()
-    assert transform.mode == "pad" and transform.size == {CLIP: 336, SIGLIP: 384}[spec.tower]
+    assert transform.mode == spec.image_mode and transform.size == {CLIP: 336, SIGLIP: 384}[spec.tower]
 
     # what trains, and at what learning rate
     freeze = module.freeze_config
     assert (freeze.vision, freeze.projector, freeze.llm) == spec.modes
     counts = module.parameter_counts()
-    assert counts["vision"][0] == 0  # every recipe keeps the tower frozen
+    unused = sum(p.numel() for p in model.vision.unused_parameters())  # CLIP's post norm: it never runs
+    assert counts["vision"][0] == {"frozen": 0, "full": counts["vision"][1] - unused}[freeze.vision]  # NeXT trains it
     assert counts["projector"][0] == counts["projector"][1]  # and trains the projector
     if freeze.llm == "lora":
         settings = module.llm_config.lora
@@ -339,7 +452,7 @@ MIX_RECORD = {  # llava_v1_5_mix665k.json's layout: a multi-turn chat about one 
 }
 
 
-@pytest.mark.parametrize("recipe", [r for r in RECIPES if SPECS[r].template != "chat_template"])
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if SPECS[r].template != "chat_template" and not SPECS[r].anyres])
 def test_recipe_data_settings_read_llava_records(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Stage 1 reads an LCS-558K record as its caption (supervised as LLaVA's plain: caption and
     newline, no eos), stage 2 a mix665k chat with only the replies (and their eos) supervised, each image padded to the tower's size and 576 tokens. (The Qwen
@@ -349,7 +462,7 @@ def test_recipe_data_settings_read_llava_records(recipe: str, monkeypatch: pytes
     module = build(recipe, monkeypatch, init_state)
     data = LlavaDataModule(**parsed(recipe)["data"])
     data.spec = module.data_spec()  # what a Trainer would hand it
-    builder = data._builder(data.hparams.train_view)
+    builder = data.example_builder(data.hparams.train_view)
     tokenizer = module.tokenizer
     record = LCS_RECORD if spec.template == "plain" else MIX_RECORD
     (example,) = builder(record, [Image.new("RGB", (500, 375), (200, 30, 30))])
@@ -389,7 +502,7 @@ data: {{train_shards: "{demo}/train-{{000000..000003}}.tar", samples_per_epoch: 
 
 def fit(recipe: str, tiny: Path, cwd: Path, *overrides: str) -> str:
     """`python -m src.cli fit` as a user runs it (Lightning starts the extra processes itself)."""
-    command = [sys.executable, "-m", "src.cli", "fit", "--config", str(EXPERIMENTS / f"{recipe}.yaml")]
+    command = [sys.executable, "-m", "src.cli", "fit", *config_args(configs_of(recipe))]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [*command, "--config", str(tiny), *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
@@ -422,3 +535,64 @@ def test_stage1_then_stage2_run_as_written_with_tiny_parts(tmp_path: Path) -> No
     assert "global batch 16 = 4 per device x 2 processes x 2 accumulation steps" in log
     for name in ("final.ckpt", "last.ckpt"):  # distributed checkpoints: a folder, one shard per process
         assert (runs / "stage2_finetune/checkpoints" / name / ".metadata").is_file()
+
+
+# ---- LLaVA-NeXT: anyres with unpad, its pinpoints, 4096 tokens --------------------------------
+LLAVA_NEXT = [r for r in RECIPES if r.startswith("llava_next_")]
+
+
+def test_the_llava_next_recipes_are_there() -> None:
+    assert LLAVA_NEXT == ["llava_next_7b/stage1_align", "llava_next_7b/stage2_finetune"]
+
+
+@pytest.mark.parametrize("recipe", LLAVA_NEXT)
+def test_llava_next_recipes_pin_the_anyres_settings(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LLaVA-NeXT's scripts: --image_aspect_ratio anyres, its --image_grid_pinpoints in their order,
+    --mm_patch_merge_type spatial_unpad, --mm_vision_select_layer -2, --model_max_length 4096; zero3.json's
+    "gradient_clipping": "auto" (the HF Trainer's 1.0); stage 2: --mm_vision_tower_lr 2e-6."""
+    from transformers.image_processing_utils import select_best_resolution as hf_select_best_resolution
+
+    from src.export_next import pinpoints
+
+    config, spec = parsed(recipe), SPECS[recipe]
+    vision = config["model"]["vision"]
+    assert (vision["image_mode"], vision["anyres_merge"], vision["feature_layer"]) == ("anyres", "unpad", -2)
+    assert [tuple(g) for g in vision["anyres_grids"]] == list(LLAVA_NEXT_GRIDS)
+    assert config["data"]["max_length"] == 4096 and config["trainer"]["gradient_clip_val"] == 1.0
+    optimizer = config["model"]["optimizer"]
+    if spec.modes[0] == "full":
+        assert (optimizer["lr"], optimizer["part_lr"]) == (2e-5, {"vision": 2e-6})
+    init_state = stage1_checkpoint(spec.stage1, monkeypatch) if spec.stage1 else None
+    if init_state is not None:  # stage 1's result holds the newline that stage 2's projector needs
+        assert "projector.anyres.image_newline" in init_state
+    model = build(recipe, monkeypatch, init_state).model
+    layout = model.anyres_layout
+    assert (layout.size, layout.view_tokens, layout.merge, layout.grids) == (336, 576, "unpad", LLAVA_NEXT_GRIDS)
+    assert [layout(640, 480), layout(1500, 200)] == [2340, 1306]  # the issue's figures, as transformers counts
+    from src.model.vision import select_best_resolution
+
+    assert select_best_resolution((300, 300), layout.grids) == (336, 672)  # a tie: the tall canvas, as LLaVA-NeXT
+    assert layout.tokens_for(336, 1008) == 576 + 72 * 25  # a 1x3 canvas the image fills: 72 rows of 24 + newline
+    assert max(layout(w, h) for w in range(100, 3000, 97) for h in range(100, 3000, 89)) <= 576 + 48 * 49 < 4096
+    # exported as transformers' [height, width] pinpoints in this order, LlavaNext picks the kit's canvas
+    exported = pinpoints(layout.grids)
+    for width, height in [(300, 300), (336, 336), (640, 480), (480, 640), (1500, 200), (200, 1500), (10, 10)]:
+        hf_h, hf_w = hf_select_best_resolution((height, width), exported)
+        cols, rows = hf_w // 336, hf_h // 336
+        assert layout.views_for(width, height) == 1 + cols * rows, (width, height)
+
+
+@pytest.mark.parametrize("recipe", LLAVA_NEXT)
+def test_llava_next_data_reads_a_record_as_anyres_views(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 500x375 photo: the base view and the 2x2 canvas' crops, and as many <image> tokens as the unpad merge makes."""
+    spec = SPECS[recipe]
+    init_state = stage1_checkpoint(spec.stage1, monkeypatch) if spec.stage1 else None
+    module = build(recipe, monkeypatch, init_state)
+    data = LlavaDataModule(**parsed(recipe)["data"])
+    data.spec = module.data_spec()
+    builder = data.example_builder(data.hparams.train_view)
+    record = LCS_RECORD if spec.template == "plain" else MIX_RECORD
+    (example,) = builder(record, [Image.new("RGB", (500, 375), (200, 30, 30))])
+    assert example.pixel_values.shape == (5, 3, 336, 336)
+    tokens = int((example.input_ids == module.image_token_id).sum())
+    assert tokens == module.model.anyres_layout(500, 375) == 576 + 36 * 49  # 36 of 48 rows kept, + a newline each

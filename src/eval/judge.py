@@ -32,7 +32,6 @@ import asyncio
 import json
 import logging
 import re
-from dataclasses import fields
 from importlib import resources
 from pathlib import Path
 
@@ -57,21 +56,13 @@ CATEGORY_NAMES = {"conv": "Conversation", "detail": "Detail description", "compl
 
 
 def load_chat_config(path: Path | str):
-    """A `ChatConfig` from a YAML file of its fields (a `client:` section, if present, is
-    used instead of the top level); an unknown field is an error naming the valid ones."""
-    from omegaconf import OmegaConf
-
+    """A `ChatConfig` from a YAML file of its fields (a `client:` section, if present, holds them), parsed
+    as the training CLI parses its configs (jsonargparse): a wrong type or an unknown field is a ValueError
+    naming it."""
     from src.core.chat_client import ChatConfig
+    from src.core.cli_config import load_dataclass
 
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a judge config is a mapping of ChatConfig fields")
-    data = data.get("client", data)
-    valid = {f.name for f in fields(ChatConfig)}
-    unknown = sorted(set(data) - valid)
-    if unknown:
-        raise ValueError(f"{path}: unknown judge config fields {unknown}; valid: {sorted(valid)}")
-    return ChatConfig(**data)
+    return load_dataclass(ChatConfig, path, section="client")
 
 
 # ---------------------------------------------------------------- reading scores

@@ -5,7 +5,8 @@
         --coco-instances instances_train2017.json --images coco/train2017 --out runs/instruct/coco \\
         --base-url https://api.openai.com/v1 --model gpt-4o-mini --limit 100
 
-Every setting is a YAML key (`--config`) and a flag; flags win. Outputs in --out: ledger.jsonl
+Every setting is a YAML key (`--config`) and a typed flag (`--help` lists them with their docs,
+`--print_config` prints what a command resolves to); flags win. Outputs in --out: ledger.jsonl
 (finished work: rerunning the same command resumes), {prefix}.json (LLaVA records),
 shards/{prefix}-NNNNNN.tar (+ sizes.json), summary.json and config.yaml (the settings, with the
 key's environment variable name but never the key). See docs/instruct.md.
@@ -13,15 +14,15 @@ key's environment variable name but never the key). See docs/instruct.md.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
 import sys
 from pathlib import Path
 
-from src.core.chat_client import ChatClient, ChatConfig, ChatError
-from src.instruct.config import GenerateConfig, add_arguments, build_config, save_config
+from src.core.chat_client import ChatClient, ChatError
+from src.core.cli_config import fail
+from src.instruct.config import GenerateConfig, parse_args, save_config
 from src.instruct.generate import FatalError, generate
 from src.instruct.ledger import Ledger
 from src.instruct.output import format_summary, summarize, write_outputs
@@ -96,33 +97,25 @@ def preview(config: GenerateConfig, items: int = 1) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m src.instruct", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", type=Path, default=None, help="YAML file of settings (flags override it)")
-    parser.add_argument("--verbose", action="store_true", help="log every retry and rejected reply")
-    parser.add_argument(
-        "--dry-run", action="store_true", help="print the requests for the first image and stop: nothing is sent"
-    )
-    add_arguments(parser, GenerateConfig)
-    add_arguments(parser, ChatConfig, group="teacher")
-    args = parser.parse_args(argv)
-    verbose, dry_run = args.__dict__.pop("verbose"), args.__dict__.pop("dry_run")
+    try:
+        config, switches = parse_args(sys.argv[1:] if argv is None else argv, __doc__)
+    except ValueError as error:
+        fail(str(error))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-    if verbose:  # ours only: the HTTP libraries' debug logs are of no use here
+    if switches["verbose"]:  # ours only: the HTTP libraries' debug logs are of no use here
         logging.getLogger("src").setLevel(logging.DEBUG)
     try:
-        config = build_config(args)
-        if dry_run:
+        if switches["dry_run"]:
             print(preview(config))
             return
         summary = run(config)
     except (ValueError, FileNotFoundError, ChatError) as error:
-        parser.exit(2, f"error: {error}\n")
+        fail(str(error))
     except FatalError as error:
-        parser.exit(3, f"error: the teacher refused the request, stopping: {error}\n")
+        fail(f"the teacher refused the request, stopping: {error}", code=3)
     except KeyboardInterrupt:
-        parser.exit(130, "interrupted; finished samples are in the ledger, rerun the same command to resume\n")
+        print("interrupted; finished samples are in the ledger, rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
     print(format_summary(summary), file=sys.stdout)
     print(f"summary: {Path(config.out) / 'summary.json'}")

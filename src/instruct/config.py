@@ -1,32 +1,34 @@
 """Settings of a generation run: a YAML file, command-line flags over it, saved with the outputs.
 
 The YAML's keys are `GenerateConfig`'s fields, with the teacher's (`ChatConfig`'s) under
-`teacher:`; every field is also a flag (`max_attempts` -> `--max-attempts`, `teacher.model`
--> `--model`). The API key is never a setting: `teacher.api_key_env` names the environment
-variable that holds it, and that name is all the saved `config.yaml` holds.
+`teacher:`; jsonargparse (the training CLI's parser) makes every field a typed flag documented by
+its docstring (`--max_attempts`, `--teacher.model`), and `--print_config` prints the settings a
+command resolves to. The flags the tool took before still work (`--max-attempts`, `--model`,
+`--kinds a b`, `--no-progress`). The API key is never a setting: `teacher.api_key_env` names the
+environment variable that holds it, and that name is all the saved `config.yaml` holds.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
-import inspect
-import textwrap
-import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import ArgumentParser
 
 from src.core.chat_client import ChatConfig
+from src.core.cli_config import argparse_flags, new_parser, one_line, parse
 from src.instruct.prompts import KINDS
 from src.instruct.sampling import IMAGE_POSITIONS
 
 
 @dataclass
 class GenerateConfig:
+    """What to read, what to ask the teacher for, and where to write it."""
+
     out: str | None = None
     """Folder for the ledger, the LLaVA JSON, the shards, the summary and the saved config."""
     coco_captions: str | None = None
@@ -34,14 +36,15 @@ class GenerateConfig:
     coco_instances: str | None = None
     records: str | None = None
     """Input 2: a JSON list or JSONL of {id?, image, captions|caption, boxes?} (with images)."""
-    shards: list[str] | None = None
+    shards: list[str] | str | None = None
     """Input 3: caption shard paths or brace patterns (images travel inside)."""
     images: str | None = None
     """Folder the COCO file names / records' image paths are relative to."""
     boxes_normalized: bool = False
     """Input boxes are already 0-1 (else pixels, normalised by the image size)."""
-    kinds: list[str] = field(default_factory=lambda: list(KINDS))
-    """Response kinds to write for every image: one sample per image and kind."""
+    kinds: list[str] | str = field(default_factory=lambda: list(KINDS))
+    """Response kinds to write for every image: one sample per image and kind (a list, or names
+    separated by commas)."""
     prompts: str | None = None
     """Prompt folder: <kind>.yaml files in the kit's format, or LLaVA's own layout (path/to/LLaVA/
     playground/data/prompts: conversation/, detail_description/, complex_reasoning/, each with
@@ -61,7 +64,7 @@ class GenerateConfig:
     """Use only the first N images of the input."""
     kind_limits: dict[str, int] | None = None
     """Per kind, only the first N images get that kind (e.g. detail=23000), to set the mix of
-    kinds; as a flag: --kind-limits detail=23000 conversation=58000."""
+    kinds; as a flag: --kind_limits detail=23000 conversation=58000."""
     max_attempts: int = 3
     """Replies asked for one sample before giving it up when each is rejected."""
     retry_temperature: float = 0.7
@@ -78,16 +81,19 @@ class GenerateConfig:
     jsonl: bool = False
     """Write the LLaVA records as JSONL rather than one JSON list."""
     write_shards: bool = True
+    """Write WebDataset shards of the samples (and their images) beside the LLaVA JSON."""
     max_count: int = 10000
     """Samples per output shard at most."""
     max_size: float = 3e9
     """Bytes per output shard at most."""
     progress: bool = True
+    """Show a progress bar."""
     teacher: ChatConfig = field(default_factory=ChatConfig)
+    """The OpenAI-compatible server that writes the replies, and how hard to push it."""
 
     def __post_init__(self) -> None:
         if isinstance(self.teacher, dict):
-            self.teacher = ChatConfig(**_known(ChatConfig, self.teacher, "teacher"))
+            self.teacher = ChatConfig(**self.teacher)
         if isinstance(self.shards, str):
             self.shards = [self.shards]
         if isinstance(self.kind_limits, list):  # from the flag: ["detail=23000", ...]
@@ -151,104 +157,59 @@ def _key_count(text: str) -> tuple[str, int]:
         raise ValueError(f"expected kind=count, got {text!r}") from None
 
 
-def _known(cls: type, data: dict, where: str) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"unknown {where} settings {unknown}; valid ones: {sorted(names)}")
-    return data
-
-
-def load_yaml(path: Path | str) -> dict:
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of settings")
-    return data
-
-
 def save_config(config: GenerateConfig, path: Path | str) -> None:
     """The settings as YAML, reloadable with --config; it holds the key's variable name only."""
     text = "# written by python -m src.instruct; rerun with --config this file\n"
     Path(path).write_text(text + yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-# ------------------------------------------------------------------ flags from the dataclasses
+# ------------------------------------------------------------------ parsing
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def build_parser(description: str | None = None) -> ArgumentParser:
+    """`--config`, `--print_config`, the run's switches, and a typed flag per setting (the teacher's
+    under `teacher.`)."""
+    parser = new_parser("python -m src.instruct", description)
+    parser.add_argument("--verbose", action="store_true", help="log every retry and rejected reply")
+    parser.add_argument(
+        "--dry_run", action="store_true", help="print the requests for the first image and stop: nothing is sent"
+    )
+    parser.add_class_arguments(GenerateConfig, nested_key=None)
+    return parser
 
 
-def _base(tp: Any) -> Any:
-    """bool / int / float / str / list from a field's type (Optional unwrapped)."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
-        return _base(args[0])
-    return list if typing.get_origin(tp) in (list, dict) else tp
+def parse_args(argv: Sequence[str], description: str | None = None) -> tuple[GenerateConfig, dict[str, bool]]:
+    """The settings (YAML first, then the flags given on top, wherever `--config` stands) and the run's
+    switches (verbose, dry_run). A bad key or value: one line on stderr, exit code 2."""
+    parser = build_parser(description)
+    flags = argparse_flags(_config_first(list(argv)), parser, groups=["teacher"])
+    args = parse(parser, flags)
+    switches = {name: bool(args.pop(name)) for name in ("verbose", "dry_run")}
+    args.pop("config", None)
+    try:
+        settings = parser.instantiate(args).as_dict()
+        return GenerateConfig(**settings), switches
+    except (TypeError, ValueError) as error:
+        raise ValueError(one_line(error)) from None
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstrings written under a dataclass's fields (the litgpt style), by field name."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, after in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if (
-                isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant)
-                and isinstance(after.value.value, str)
-            ):
-                docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
+def load_config(path: Path | str) -> GenerateConfig:
+    """A settings file as `--config` reads it (a saved config.yaml too)."""
+    return parse_args(["--config", str(path)])[0]
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, group: str | None = None) -> None:
-    """One flag per field, defaulting to SUPPRESS so only flags given override the YAML."""
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
-    target = parser.add_argument_group(group) if group else parser
-    for f in dataclasses.fields(cls):
-        base = _base(hints[f.name])
-        if base not in (bool, int, float, str, list):
-            continue  # nested (teacher): its own group
-        options: dict[str, Any] = {"dest": f"{group + '.' if group else ''}{f.name}", "default": argparse.SUPPRESS}
-        if base is not bool:
-            options["metavar"] = f.name.upper()
-        if base is bool:
-            options["action"] = argparse.BooleanOptionalAction
-        elif base is list:
-            options["nargs"] = "+"
+def _config_first(argv: list[str]) -> list[str]:
+    """`--config FILE` moved to the front, so flags override the file wherever they stand (as before)."""
+    front, rest = [], []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            front += argv[i : i + 2]
+            i += 2
+        elif argv[i].startswith("--config="):
+            front.append(argv[i])
+            i += 1
         else:
-            options["type"] = _none_or(base)
-        help_text = (docs.get(f.name, "") + f" (default: {_default(f)})").strip().replace("%", "%%")
-        target.add_argument(_flag(f.name), help=help_text, **options)
-
-
-def _none_or(base: type):
-    def convert(text: str):
-        return None if text.lower() in ("none", "null", "") else base(text)
-
-    convert.__name__ = base.__name__
-    return convert
-
-
-def _default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-
-
-def build_config(args: argparse.Namespace) -> GenerateConfig:
-    """YAML (`args.config`) first, then the flags given on top."""
-    data = load_yaml(args.config) if getattr(args, "config", None) else {}
-    _known(GenerateConfig, data, "top-level")
-    teacher = dict(data.pop("teacher", None) or {})
-    for key, value in vars(args).items():
-        if key == "config":
-            continue
-        if key.startswith("teacher."):
-            teacher[key.split(".", 1)[1]] = value
-        else:
-            data[key] = value
-    return GenerateConfig(**data, teacher=ChatConfig(**_known(ChatConfig, teacher, "teacher")))
+            rest.append(argv[i])
+            i += 1
+    return front + rest

@@ -176,7 +176,7 @@ def test_an_unknown_category_or_a_missing_key_fails_before_any_request(tmp_path,
         typo.write_text(f"base_url: {server.url}\ntemprature: 0\n")
         with pytest.raises(SystemExit):
             main(["--questions", str(questions), "--judge", str(typo), *args])
-        assert "unknown judge config fields ['temprature']" in capsys.readouterr().err
+        assert f"{typo}: Option 'temprature' is not accepted" in capsys.readouterr().err
         assert server.requests == []
 
 
@@ -212,5 +212,12 @@ def test_an_unknown_judge_config_field_is_named(tmp_path):
 
     path = tmp_path / "judge.yaml"
     path.write_text("model: m\ntemprature: 0.1\n")
-    with pytest.raises(ValueError, match=r"unknown judge config fields \['temprature'\]"):
+    with pytest.raises(ValueError, match=r"judge.yaml: Option 'temprature' is not accepted$"):
         load_chat_config(path)
+    path.write_text("model: m\nmax_retries: many\n")
+    with pytest.raises(
+        ValueError, match=r"judge.yaml: Parser key \"max_retries\": Expected a <class 'int'>. Got value: many$"
+    ):
+        load_chat_config(path)
+    path.write_text("client:\n  model: from-section\n  timeout_s: 5\n")
+    assert (load_chat_config(path).model, load_chat_config(path).timeout_s) == ("from-section", 5.0)

@@ -130,21 +130,17 @@ def test_a_killed_run_resumes_without_repeating_or_losing_items(tmp_path, jpeg_b
     assert sum(sizes.values()) == n and len(sizes) == n // 5
 
 
-def test_help_lists_every_setting():
+def test_help_lists_every_setting_with_its_docstring():
     done = subprocess.run(
         [sys.executable, "-m", "src.instruct", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
     )
-    for flag in (
-        "--coco-captions",
-        "--records",
-        "--shards",
-        "--kinds",
-        "--max-attempts",
-        "--base-url",
-        "--api-key-env",
-    ):
-        assert flag in done.stdout
-    assert "--api-key " not in done.stdout  # there is no way to pass the key itself
+    help_text = " ".join(done.stdout.split())
+    for flag in ("--coco_captions", "--records", "--shards", "--kinds", "--max_attempts", "--teacher.base_url",
+                 "--teacher.api_key_env", "--print_config"):  # fmt: skip
+        assert flag in help_text
+    assert "Replies asked for one sample before giving it up when each is rejected." in help_text
+    assert "NAME of the environment variable holding the key" in help_text  # ChatConfig's own field docs
+    assert "api_key " not in help_text  # there is no way to pass the key itself
 
 
 def test_bad_settings_exit_with_a_clear_message(tmp_path):
@@ -160,16 +156,62 @@ def test_bad_settings_exit_with_a_clear_message(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert done.returncode == 2 and "unknown teacher settings ['modle']" in done.stderr
+    assert done.returncode == 2 and done.stderr == "error: Group 'teacher' does not accept option 'modle'\n"
+    done = subprocess.run(
+        [sys.executable, "-m", "src.instruct", "--max-attempts", "many", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == "error: Parser key \"max_attempts\": Expected a <class 'int'>. Got value: many\n"
+
+
+def test_the_old_flags_resolve_as_jsonargparse_s(tmp_path):
+    """argparse's spellings (dashes, the teacher's fields unprefixed, lists as several words, --no-X, none)
+    give the settings jsonargparse's own flags give."""
+    from src.instruct.config import parse_args
+
+    old = ["--max-attempts", "5", "--model", "m", "--base-url", "http://h/v1", "--kinds", "detail", "conversation",
+           "--no-progress", "--kind-limits", "detail=3", "conversation=4", "--limit", "none", "--shards", "a.tar",
+           "b.tar", "--dry-run", "--api-key-env", "None"]  # fmt: skip
+    new = ["--max_attempts", "5", "--teacher.model", "m", "--teacher.base_url", "http://h/v1",
+           "--kinds", "[detail, conversation]", "--progress", "false", "--kind_limits", "{detail: 3, conversation: 4}",
+           "--limit", "null", "--shards", "[a.tar, b.tar]", "--dry_run", "--teacher.api_key_env", "null"]  # fmt: skip
+    assert parse_args(old) == parse_args(new)
+    config, switches = parse_args(old)
+    assert config.kinds == ["detail", "conversation"] and config.kind_limits == {"detail": 3, "conversation": 4}
+    assert config.teacher.model == "m" and config.teacher.api_key_env is None and config.limit is None
+    assert switches == {"verbose": False, "dry_run": True} and not config.progress
+
+
+def test_flags_win_over_the_config_file_wherever_it_stands(tmp_path):
+    from src.instruct.config import parse_args
+
+    (tmp_path / "c.yaml").write_text("max_attempts: 7\nteacher: {model: from-file, max_retries: 2}\n")
+    config, _ = parse_args(["--model", "from-flag", "--config", str(tmp_path / "c.yaml")])
+    assert (config.max_attempts, config.teacher.model, config.teacher.max_retries) == (7, "from-flag", 2)
+
+
+def test_print_config_prints_the_resolved_settings_and_they_load_back(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "src.instruct", "--config", str(ROOT / "experiments/instruct/local_vllm.yaml"),
+         "--limit", "50", "--print_config"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    printed = yaml.safe_load(done.stdout)
+    assert printed["limit"] == 50 and printed["teacher"]["model"] == "Qwen/Qwen2.5-7B-Instruct"
+    (tmp_path / "printed.yaml").write_text(done.stdout)
+    from src.instruct.config import load_config
+
+    assert load_config(tmp_path / "printed.yaml").to_dict() == {
+        k: v for k, v in printed.items() if k not in ("verbose", "dry_run")
+    }
 
 
 @pytest.mark.parametrize("name", ["local_vllm", "openai"])
 def test_the_example_configs_load(name):
-    import argparse
+    from src.instruct.config import load_config
 
-    from src.instruct.config import build_config
-
-    config = build_config(argparse.Namespace(config=ROOT / "experiments" / "instruct" / f"{name}.yaml"))
+    config = load_config(ROOT / "experiments" / "instruct" / f"{name}.yaml")
     config.check()
     assert config.coco_captions and config.kinds == ["conversation", "detail", "complex_reasoning"]
     assert (config.teacher.api_key_env is None) == (name == "local_vllm")
