@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from src.core.constants import DTYPES, PARTS
 
 
 @dataclass
@@ -187,7 +187,7 @@ def cast_frozen(model: nn.Module, dtype: str | None) -> list[str]:
     if target is None:
         return []
     cast = []
-    for part in ("vision", "projector", "llm"):
+    for part in PARTS:
         module = getattr(model, part)
         if not any(p.requires_grad for p in module.parameters()):
             module.to(target)

@@ -274,7 +274,7 @@ def lmms_pope_replies(results: dict, task: str) -> dict[str, str]:
 def test_kit_is_a_registered_lmms_eval_model(lmms_eval):
     from lmms_eval.models import get_model
 
-    from src.eval.lmms_eval_model import KitModel
+    from src.lmms_eval_model import KitModel
 
     names = [ep.name for ep in entry_points(group="lmms_eval.models")]
     assert "kit" in names, "the kit's entry point is missing: reinstall the kit (pip install -e .)"

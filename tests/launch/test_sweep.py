@@ -36,7 +36,7 @@ from src.launch.sweep.array import array_ranges
 from src.launch.sweep.cli import main
 from src.launch.sweep.names import column_labels, compact, value_labels
 from src.launch.sweep.plan import wants_test
-from src.launch.sweep.results import NUMERIC
+from src.launch.sweep.results import NUMERIC, run_result
 from src.launch.sweep.stats import t_quantile, t_two_sided_p, welch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -468,3 +468,18 @@ def test_the_cpu_ablation_spec_plans_4_projectors_x_3_seeds_tested(tmp_path: Pat
     config = run_config(sweep, runs[-1])
     assert wants_test(sweep.test, config) and config["data"]["seed"] == 2
     assert config["trainer"]["limit_test_batches"] == 1.0 and config["trainer"]["max_steps"] == 1000
+
+
+def test_image_tokens_per_sample_is_the_counted_placeholders_when_logged(tmp_path: Path) -> None:
+    """anyres unpad: an image's tokens follow its size, so views x tokens per view overcounts; the
+    telemetry's `perf/image_tokens_per_sample` (placeholders counted in the batch) wins when logged."""
+    raw = {"base": ["lightning_config.yaml"], "grid": {"seed_everything": [0]}, "out": str(tmp_path / "sweep")}
+    sweep = load_spec(raw, cwd=ROOT)
+    (run,) = plan(sweep)
+    prepare(sweep, [run])
+    (run.path / "facts.json").write_text(json.dumps({"image_tokens_per_view": 576}))
+    views = {"perf/images_per_s": [(1, 5.0), (2, 5.0)], "perf/samples_per_s": [(1, 1.0), (2, 1.0)]}
+    _write_run(run.path, views)
+    assert run_result(run.path, run.name, run.labels).values["image_tokens_per_sample"] == 576 * 5
+    _write_run(run.path, {**views, "perf/image_tokens_per_sample": [(1, 2340.0), (2, 1306.0)]})
+    assert run_result(run.path, run.name, run.labels).values["image_tokens_per_sample"] == (2340 + 1306) / 2

@@ -86,14 +86,18 @@ def test_reasoned_replies_are_read_as_letters(module, shards, monkeypatch):
     texts = ["red . The answer is C .", "The answer is C", "B", "The answer is D . The answer is A ."]
     seen = {}
 
-    def fake_generate(input_ids, prompt_lengths, pixel_values, max_new_tokens, eos_token_id, all_done=None):
+    def fake_generate(
+        input_ids, prompt_lengths, pixel_values, max_new_tokens, eos_token_id, all_done=None, image_sizes=None
+    ):
         seen.update(lengths=prompt_lengths.tolist(), max_new_tokens=max_new_tokens, eos=eos_token_id)
         seen["all_done"] = all_done
+        seen["image_sizes"] = image_sizes
         return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
     monkeypatch.setattr(module.model, "generate", fake_generate)
     predicted, _, _ = module.choose(batch)
     assert predicted.tolist() == [2, -1, 1, -1]
+    assert torch.equal(seen.pop("image_sizes"), batch["image_sizes"])  # anyres needs each image's size
     assert seen == {
         "lengths": [len(p) for p in prompts_of(batch)],
         "max_new_tokens": 5,

@@ -91,8 +91,10 @@ def run_result(run_dir: Path, name: str, labels: dict[str, str]) -> Result:
 
     train_loss and val_loss are the last logged `train/loss` and `val/loss`; test_accuracy is
     `test/mc_accuracy`; tokens_per_s the median of `perf/tokens_per_s` (the median leaves out the
-    first, warm-up step); image_tokens_per_sample the tokens per image view times the views per
-    sample (`perf/images_per_s` over `perf/samples_per_s`)."""
+    first, warm-up step); image_tokens_per_sample the mean of `perf/image_tokens_per_sample`, the
+    placeholders the batches held (right for anyres unpad, whose count follows each image's size), or,
+    for runs logged before that tag existed, the tokens per view times the views per sample
+    (`perf/images_per_s` over `perf/samples_per_s`)."""
     scalars = read_scalars(run_dir) if run_dir.is_dir() else {}
     facts = json.loads((run_dir / FACTS).read_text()) if (run_dir / FACTS).is_file() else {}
     tokens = [v for _, v in scalars.get("perf/tokens_per_s", [])]
@@ -102,6 +104,9 @@ def run_result(run_dir: Path, name: str, labels: dict[str, str]) -> Result:
     ratios = [images[s] / samples[s] for s in images if samples.get(s)]
     if facts.get("image_tokens_per_view") is not None and ratios:
         per_sample = facts["image_tokens_per_view"] * statistics.fmean(ratios)
+    counted = [v for _, v in scalars.get("perf/image_tokens_per_sample", [])]
+    if counted:
+        per_sample = statistics.fmean(counted)
     train = scalars.get("train/loss", [])
     values = {
         "status": status(run_dir),

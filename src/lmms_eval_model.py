@@ -2,7 +2,7 @@
 
 lmms-eval (0.7.3) finds models beyond its own through the Python entry-point group
 `lmms_eval.models` (`ModelRegistryV2.load_entrypoint_manifests`): pyproject.toml declares
-`kit = "src.eval.lmms_eval_model:MANIFEST"`, so an installed kit (`pip install -e ".[lmms]"`)
+`kit = "src.lmms_eval_model:MANIFEST"`, so an installed kit (`pip install -e ".[lmms]"`)
 is a registered model without a fork or a patch of lmms-eval. Only this module imports
 lmms_eval; the rest of the kit works without it.
 
