@@ -87,7 +87,8 @@ class MixtureSource:
     weight: float = 1.0
     """Share of training samples drawn from this set (weights are normalised)."""
     view: str | list[str] | None = None
-    """How this set's samples are read (`conversations`, `caption`, `mc`); None: data.train_view."""
+    """How this set's samples are read (`conversations`, `caption`, `mc`, or a registered view:
+    `src.data.views`); None: data.train_view."""
     resample: bool = False
     """Draw this set's shards with replacement instead of in shuffled passes."""
     samples: int | None = None
@@ -144,8 +145,8 @@ class LlavaDataModule(LightningDataModule):
             train_shards: shard paths or URLs; brace patterns expand (`train-{000000..000011}.tar`).
             val_shards: shards read once per validation.
             test_shards: shards read once by `test`.
-            train_view: how training samples are read: `conversations`, `caption` (stage 1) or `mc`;
-                a list reads each sample every listed way.
+            train_view: how training samples are read: `conversations`, `caption` (stage 1), `mc`, or a
+                view registered in `src.data.views` (docs/extending.md); a list reads each sample every listed way.
             eval_view: how validation and test samples are read (`mc` scores multiple choice).
             mc_format: multiple choice asked as `letter` (reply: the letter, ranked) or `reasoned`
                 (reply: the answer, then "The answer is X."; generated and parsed).

@@ -1,8 +1,8 @@
-"""From a decoded shard sample to model-ready examples, one per chosen view.
+"""From a decoded shard sample to model-ready examples, one per chat of each chosen view.
 
-A shard sample can be read several ways: as a caption (stage-1 alignment), as its
-instruction conversation (stage 2), or as its multiple-choice questions (evaluation).
-The view is data configuration, so one shard set serves every stage.
+The views (how a sample is read: caption, conversation, multiple choice, or one the user
+registers) live in `src.data.views`; this module applies the image transform and the
+conversation encoder to what they return, and makes the `prompt` examples of prediction.
 """
 
 from __future__ import annotations
@@ -14,17 +14,15 @@ import torch
 from PIL import Image
 
 from src.data import records
-from src.data.conversation import (
-    IMAGE_TAG,
-    MC_FORMATS,
-    ConversationEncoder,
-    SampleError,
-    multiple_choice_answer,
-    multiple_choice_prompt,
+from src.data.conversation import MC_FORMATS, ConversationEncoder, SampleError, multiple_choice_answer
+from src.data.views import (  # VIEWS, PROMPT_VIEW, IMAGE_POSITIONS: also imported from here
+    IMAGE_POSITIONS,
+    PROMPT_VIEW,
+    VIEWS,
+    Chat,
+    ViewSettings,
 )
 
-VIEWS = ("conversations", "caption", "mc")
-PROMPT_VIEW = "prompt"  # prediction: the chat without its last reply, which becomes the reference
 BLANK_GREY = (128, 128, 128)
 
 
@@ -38,31 +36,6 @@ class Example:
     image_sizes: torch.Tensor | None = field(default=None)
     """(images, 2): each image's (height, width) as decoded, in order, as transformers' LlavaNext takes them;
     anyres + unpad merges an image's views by it. None when the example has no image."""
-
-
-IMAGE_POSITIONS = ("first", "last")
-
-
-def _chats(
-    record: dict, view: str, num_images: int, mc_format: str, image_position: str = "first"
-) -> list[tuple[list[dict], dict | None]]:
-    if view == "conversations":
-        return [(records.conversation(record), None)]
-    if view == "caption":
-        text = records.caption(record)
-        tags = "\n".join(IMAGE_TAG for _ in range(num_images))
-        return [([{"from": "human", "value": tags}, {"from": "gpt", "value": text}], None)]
-    chats = []
-    for mc in records.questions(record):
-        options = list(mc.options)
-        tags = "\n".join(IMAGE_TAG for _ in range(num_images))
-        text = multiple_choice_prompt(mc.question, options, mc_format)
-        prompt = f"{tags}\n{text}" if image_position == "first" else f"{text}\n{tags}"
-        reply = multiple_choice_answer(options, mc.answer, mc_format)
-        chat = [{"from": "human", "value": prompt.strip("\n")}, {"from": "gpt", "value": reply}]
-        kind = list(mc.type) if isinstance(mc.type, tuple) else mc.type
-        chats.append((chat, {"options": options, "answer": mc.answer, "type": kind}))
-    return chats
 
 
 class ExampleBuilder:
@@ -85,11 +58,12 @@ class ExampleBuilder:
         self.image_position = image_position
         views = [view] if isinstance(view, str) else list(view)
         for name in views:
-            if name not in (*VIEWS, PROMPT_VIEW):
-                raise ValueError(f"unknown view {name!r}; choose one of {list(VIEWS)}")
+            if name != PROMPT_VIEW:
+                VIEWS.get(name)  # an unknown name lists the registered views
         if mc_format not in MC_FORMATS:
             raise ValueError(f"unknown multiple-choice format {mc_format!r}; choose one of {list(MC_FORMATS)}")
         self.mc_format = mc_format
+        self.settings = ViewSettings(mc_format=mc_format, image_position=image_position)
         self.encoder = encoder
         self.image_transform = image_transform
         self.views = views
@@ -111,8 +85,22 @@ class ExampleBuilder:
         """Each option's full reply, for ranking (`letter`, `option`) or counting (`reasoned`)."""
         return [self._reply_ids(multiple_choice_answer(options, k, self.mc_format)) for k in range(len(options))]
 
+    def chats(self, record: dict, images: list[Image.Image]) -> list[Chat]:
+        """Every chat of every view of this builder, in order (a view that needs an image, or a
+        field the record lacks, raises `SampleError`)."""
+        if PROMPT_VIEW in self.views:
+            raise ValueError(f"the {PROMPT_VIEW!r} view (prediction) cannot be combined with other views")
+        chats = []
+        for name in self.views:
+            for chat in VIEWS.get(name)(record, images, self.settings):
+                if not isinstance(chat, tuple) or len(chat) != 2:  # a bug in the view, not in the data
+                    raise TypeError(f"view {name!r} gave a {type(chat).__name__}; a view returns a list of Chat")
+                chats.append(Chat(*chat))
+        return chats
+
     def __call__(self, record: dict, images: list[Image.Image]) -> list[Example]:
-        records.check_images(record, len(images), needs_image="caption" in self.views)
+        records.check_images(record, len(images), needs_image=False)  # views that need one say so
+        chats = None if self.views == [PROMPT_VIEW] else self.chats(record, images)
         if self.blank_images:
             images = [Image.new("RGB", image.size, BLANK_GREY) for image in images]
         # a transform gives (3, H, W) or, tiling an image into crops (anyres), (views, 3, H, W);
@@ -125,16 +113,9 @@ class ExampleBuilder:
             counts = [v.shape[0] * self.encoder.image_tokens for v in views]
         else:
             counts = [self.image_token_count(image.width, image.height) for image in images]
-        if self.views == [PROMPT_VIEW]:
+        if chats is None:
             return [self._prompt_example(record, len(images), counts, pixels, sizes)]
-        if PROMPT_VIEW in self.views:
-            raise ValueError(f"the {PROMPT_VIEW!r} view (prediction) cannot be combined with other views")
         examples = []
-        chats = [
-            chat
-            for view in self.views
-            for chat in _chats(record, view, len(images), self.mc_format, self.image_position)
-        ]
         for chat, mc in chats:
             encoded = self.encoder.encode(chat, num_images=len(images), image_tokens=counts)
             if mc is not None:

@@ -304,3 +304,81 @@ def test_image_position_last_is_moved_to_the_front_by_llava_templates(make_encod
     assert first_ids.count(image_id) == 16
     assert first_ids.index(image_id) < first_ids.index(tokenizer.convert_tokens_to_ids("square"))
     assert last_ids == first_ids and last.labels.tolist() == first.labels.tolist()
+
+
+# ---- the view registry (src.data.views): a view is a function registered by name -------------------
+@pytest.fixture
+def views(monkeypatch):
+    """The registry, with whatever a test registers removed afterwards."""
+    from src.data.views import VIEWS
+
+    monkeypatch.setattr(VIEWS, "_items", dict(VIEWS._items))
+    return VIEWS
+
+
+def test_the_built_in_views_are_registered_in_the_order_the_docs_list_them():
+    from src.data.views import VIEWS
+
+    assert VIEWS.names() == list(VIEWS) == ["conversations", "caption", "mc"]
+
+
+def test_a_built_in_view_returns_its_chats(sample):
+    from src.data.views import VIEWS, Chat, ViewSettings
+
+    record, images = sample
+    assert VIEWS.get("caption")(record, images, ViewSettings()) == [
+        Chat([{"from": "human", "value": "<image>"}, {"from": "gpt", "value": record["caption"]}])
+    ]
+    chats = VIEWS.get("mc")(record, images, ViewSettings(mc_format="option", image_position="last"))
+    first = record["mc"][0]
+    assert chats[0].messages[0]["value"] == multiple_choice_prompt(first["question"], first["options"], "option") + (
+        "\n<image>"
+    )
+    assert chats[0].mc == {"options": first["options"], "answer": first["answer"], "type": first["type"]}
+    with pytest.raises(SampleError, match="missing_image: the sample holds no image; the view needs one"):
+        VIEWS.get("caption")({"caption": "a red square"}, [], ViewSettings())
+
+
+def test_a_registered_view_is_read_by_name_with_the_builder_s_settings(views, make_encoder, image_transform):
+    from src.data.datamodule import LlavaDataModule
+    from src.data.views import Chat, ViewSettings, image_tags
+
+    seen: list[ViewSettings] = []
+
+    @views.register("caption_question")
+    def caption_question(record: dict, images: list, settings: ViewSettings) -> list[Chat]:
+        seen.append(settings)
+        question = f"{image_tags(len(images))}\nDescribe the image."
+        return [Chat([{"from": "human", "value": question}, {"from": "gpt", "value": record["caption"]}])]
+
+    record, image = {"caption": "A red square."}, Image.new("RGB", (64, 64), (200, 0, 0))
+    builder = ExampleBuilder(make_encoder(), image_transform, ["caption_question", "caption"], mc_format="option")
+    mine, caption = builder(record, [image])
+    expected = make_encoder().encode(
+        [{"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": "A red square."}],
+        num_images=1,
+    )
+    assert (mine.input_ids.tolist(), mine.labels.tolist()) == (expected.input_ids, expected.labels)
+    assert torch.equal(mine.pixel_values, image_transform(image)) and mine.mc is None
+    assert supervised(mine) == supervised(caption)  # the same reply, asked another way
+    assert seen == [ViewSettings(mc_format="option", image_position="first")]
+    # chosen by name in the config; an unknown name lists it after the built-ins
+    assert LlavaDataModule(train_view="caption_question").hparams.train_view == "caption_question"
+    with pytest.raises(
+        ValueError, match=re.escape("unknown view 'chat'; choose one of ['conversations', 'caption', 'mc', 'caption_")
+    ):
+        LlavaDataModule(train_view="chat")
+
+
+def test_a_view_name_is_registered_once_and_prompt_is_taken(views):
+    with pytest.raises(ValueError, match="view 'caption' registered twice"):
+        views.register("caption")(lambda record, images, settings: [])
+    with pytest.raises(ValueError, match="view name 'prompt' is taken by prediction"):
+        views.register("prompt")(lambda record, images, settings: [])
+
+
+def test_a_view_returning_something_else_than_chats_is_named(views, make_encoder, image_transform):
+    views.register("broken")(lambda record, images, settings: [record["caption"]])
+    builder = ExampleBuilder(make_encoder(), image_transform, "broken")
+    with pytest.raises(TypeError, match="view 'broken' gave a str; a view returns a list of Chat"):
+        builder({"caption": "x"}, [Image.new("RGB", (64, 64))])
