@@ -25,9 +25,10 @@ from typing import TextIO
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from src.core.config_files import load_merged  # noqa: E402
 from src.data.conversation import IMAGE_TAG, ConversationEncoder, SampleError, build_template  # noqa: E402
 from src.model.generation import (  # noqa: E402
     GenerationConfig,
@@ -111,14 +112,21 @@ class ChatSession:
         return answer
 
 
+def config_section(config: str, key: str) -> dict:
+    """One top-level section of a run config, read as `python -m src.cli --config` reads the file: its
+    `base:` files merged under it (`src.core.config_files`), `init_args` unwrapped."""
+    merged = OmegaConf.to_container(load_merged([config]), resolve=False)
+    section = merged.get(key) or {}
+    return section.get("init_args", section)
+
+
 def data_settings(ckpt: str, config: str | None) -> dict:
     """Template, system prompt and max length: defaults < the checkpoint's data settings < --config."""
     settings = dict(DATA_DEFAULTS)
     stored = read_checkpoint(ckpt, "--ckpt").get("datamodule_hyper_parameters")
     settings.update({k: v for k, v in (stored or {}).items() if k in DATA_DEFAULTS})
     if config is not None:
-        data = (yaml.safe_load(Path(config).read_text()) or {}).get("data") or {}
-        data = data.get("init_args", data)
+        data = config_section(config, "data")
         settings.update({k: v for k, v in data.items() if k in DATA_DEFAULTS})
     return settings
 
@@ -134,8 +142,7 @@ def load_session(
     module.to(device)
     generation = module.generation_config
     if config is not None:  # the YAML's model.generation, if it has one
-        model = (yaml.safe_load(Path(config).read_text()) or {}).get("model") or {}
-        model = model.get("init_args", model)
+        model = config_section(config, "model")
         if model.get("generation"):
             generation = GenerationConfig(**{**asdict(generation), **model["generation"]})
     generation = replace(generation, **{k: v for k, v in (overrides or {}).items() if v is not None})

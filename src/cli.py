@@ -18,6 +18,10 @@ where it looked. `--ckpt_path auto` is the same, but starts a new run when there
 that resumes from a checkpoint in a `version_N/checkpoints/` folder logs into that same `version_N`,
 so the run keeps one folder and one continuous TensorBoard curve. Every `fit` gets `StopOnSignal`:
 SIGTERM / SIGINT save a checkpoint at the end of the step and exit 0.
+
+A config file may build on others (`base: [../llava15/base.yaml, ../llava15/stage1_align.yaml]`, paths
+relative to its folder): each `--config F` is expanded into its files before jsonargparse reads the flags,
+so it merges exactly as the same files given as repeated `--config` (`src/core/config_files.py`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from src.core.config_files import ConfigFileError, expand_config_args
 from src.core.constants import DTYPES
 from src.data.datamodule import LlavaDataModule
 from src.data.spec import DataSpecSource
@@ -164,9 +169,25 @@ def remove_empty_run_folders(trainer: Trainer) -> list[Path]:
     return removed
 
 
+def expanded_args(args: list[str] | None) -> list[str]:
+    """The command line (`sys.argv[1:]` when `args` is None) with each `--config F` whose file names a
+    `base:` expanded into its files (`src/core/config_files.py`); a base that cannot be followed is one
+    line and exit code 2."""
+    try:
+        return expand_config_args(sys.argv[1:] if args is None else args)
+    except ConfigFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 class KitCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 (Lightning's signature)
-        super().parse_arguments(parser, args)
+        if args is None:  # Lightning parses sys.argv itself then; given as `args` it would warn of both
+            self.config = parser.parse_args(expanded_args(None))
+        elif isinstance(args, (list, tuple)):
+            super().parse_arguments(parser, expanded_args(list(args)))
+        else:  # a dict or Namespace: no files to expand
+            super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         try:

@@ -161,3 +161,20 @@ def test_a_config_gives_the_template_and_generation_settings(trained, image_path
         (reply,) = module.model.generate(torch.tensor([ids]), torch.tensor([len(ids)]), pixels, 3, 3)
     assert out.getvalue().strip() == module.tokenizer.decode(reply, skip_special_tokens=True).strip()
     assert "generation" not in torch.load(ckpt, weights_only=True, mmap=True)["hyper_parameters"]
+
+
+def test_a_config_is_read_with_its_base_files(tmp_path):
+    """A recipe with `base:` (experiments/llava15_7b/*.yaml) gives chat the sections its bases hold, as
+    `python -m src.cli --config` reads it: the file wins over its bases; `init_args` is unwrapped."""
+    from src.chat import config_section
+
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "base.yaml").write_text("data:\n  template: plain\n  max_length: 64\n")
+    run = tmp_path / "run.yaml"
+    run.write_text(
+        "base: [parts/base.yaml]\ndata:\n  max_length: 128\nmodel:\n  init_args: {generation: {top_p: 0.5}}\n"
+    )
+    assert config_section(str(run), "model") == {"generation": {"top_p": 0.5}}
+    assert config_section(str(run), "data") == {"template": "plain", "max_length": 128}
+    recipe = config_section("experiments/llava15_7b/stage2_finetune.yaml", "data")
+    assert recipe["template"] == "vicuna_v1" and recipe["max_length"] == 2048  # from experiments/llava15/

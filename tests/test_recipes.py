@@ -26,6 +26,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from src.cli import main
+from src.core.config_files import config_chain
 from src.data.datamodule import LlavaDataModule
 from src.training import module as module_file
 from src.training.module import LlavaLitModule
@@ -128,7 +129,7 @@ NOT_TRAINING = {  # their own tests load them
     "instruct",  # teacher settings for python -m src.instruct: tests/instruct
     "eval",  # judge settings: tests/eval
     "demo",  # CPU demo variants: tests/test_export_demo.py
-    "llava15",  # parts of the LLaVA-1.5 recipes (a shared base, one overlay per stage): see configs_of
+    "llava15",  # parts of the LLaVA-1.5 recipes (a shared base, one overlay per stage): see parts_of
 }
 RECIPES = sorted(  # training configs
     str(p.relative_to(EXPERIMENTS).with_suffix(""))
@@ -145,8 +146,13 @@ LLAVA15_PARTS = EXPERIMENTS / "llava15"
 
 
 def configs_of(recipe: str) -> list[Path]:
-    """The `--config` files a recipe runs with, in order. A LLaVA-1.5 recipe is composed: the base all six
-    share, its stage's overlay (shared by 7B and 13B), then its own file (size, run folder, checkpoints)."""
+    """The `--config` files a recipe runs with: its own file, which names what it builds on in `base:`."""
+    return [EXPERIMENTS / f"{recipe}.yaml"]
+
+
+def parts_of(recipe: str) -> list[Path]:
+    """The files a recipe is merged from, in order. A LLaVA-1.5 recipe is composed: the base all six share,
+    its stage's overlay (shared by 7B and 13B), then its own file (size, run folder, checkpoints)."""
     own = EXPERIMENTS / f"{recipe}.yaml"
     if recipe.startswith("llava15_"):
         return [LLAVA15_PARTS / "base.yaml", LLAVA15_PARTS / own.name, own]
@@ -183,9 +189,22 @@ def test_the_composed_recipes_are_the_llava15_ones() -> None:
 
 @pytest.mark.parametrize("recipe", COMPOSED)
 def test_composed_recipe_resolves_as_the_whole_file_did(recipe: str) -> None:
-    """Every key of the resolved config (the CLI's defaults included) equal to what the whole file, kept
-    as a fixture, resolves to now: the composition changed where values are written, not one value."""
+    """Every key of the resolved config (the CLI's defaults included), from the recipe's one file, equal to
+    what the whole file, kept as a fixture, resolves to now: the composition changed where values are
+    written, not one value."""
     assert parsed(recipe) == resolved((BEFORE / f"{recipe}.yaml",))
+
+
+@pytest.mark.parametrize("recipe", COMPOSED)
+def test_a_recipes_base_names_its_parts_in_order(recipe: str) -> None:
+    assert [part.path.resolve() for part in config_chain(EXPERIMENTS / f"{recipe}.yaml")] == parts_of(recipe)
+
+
+@pytest.mark.parametrize("recipe", COMPOSED)
+def test_the_three_files_as_three_config_flags_resolve_as_the_one_file(recipe: str) -> None:
+    """The command the recipes took before `base:` still works: the same config (the size file's own
+    `base:` merges the two parts again before it, which changes nothing)."""
+    assert resolved(tuple(parts_of(recipe))) == parsed(recipe)
 
 
 def documented_command(recipe: str) -> list[str]:
@@ -217,7 +236,7 @@ def _keys(tree: dict, prefix: str = "") -> set[str]:
 @pytest.mark.parametrize("recipe", COMPOSED)
 def test_each_value_of_a_recipe_is_written_in_one_of_its_files(recipe: str) -> None:
     """A later file that set a key again would hide a change made in the earlier one."""
-    written = [_keys(yaml.safe_load(path.read_text())) for path in configs_of(recipe)]
+    written = [_keys(yaml.safe_load(path.read_text())) - {"base"} for path in parts_of(recipe)]
     for i, earlier in enumerate(written):
         for later in written[i + 1 :]:
             assert not earlier & later

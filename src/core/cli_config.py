@@ -3,8 +3,8 @@ uses: a dataclass's fields (their docstrings the help) become typed flags and YA
 and `--print_config` come with them, and a bad key or value stops the tool with one line and exit
 code 2, the way a bad training config does.
 
-`python -m src.instruct` and `python -m src.eval.judge` parse with it. (`one_line` is the same as
-`src/launch/parsing.py`'s, which the launch tools use; one of the two can go once both sides agree.)
+`python -m src.instruct` and `python -m src.eval.judge` parse with it; `one_line` is also the launch
+tools' (sweep specs, SLURM settings, through src/launch/parsing.py).
 """
 
 from __future__ import annotations

@@ -1,18 +1,14 @@
 """What the launch tools share in parsing their YAML with jsonargparse (the CLI's parser): its errors
-made one line, so a bad spec or settings file reads like a bad training config."""
+made one line (`one_line`, the one in src/core/cli_config.py that the instruct and judge tools use), so a
+bad spec or settings file reads like a bad training config; and the dashed flags the tools took before."""
 
 from __future__ import annotations
 
 import argparse
 
+from src.core.cli_config import one_line
 
-def one_line(error: BaseException) -> str:
-    """jsonargparse's message on one line: `Parser key "time": Expected a <class 'str'>. Got value: 86400`.
-    The union's bookkeeping lines (`Subtypes:`, `Errors:`, the value's type) are left out."""
-    lines = [line.strip().removeprefix("- ") for line in str(error).splitlines() if line.strip()]
-    noise = ("Subtypes:", "Errors:", "Given value type:")
-    kept = [line for line in lines if not line.startswith(noise)]
-    return " ".join(kept) if kept else str(error)
+__all__ = ["dashed_flags", "one_line"]
 
 
 def dashed_flags(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:

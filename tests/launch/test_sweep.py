@@ -269,6 +269,33 @@ def test_the_projector_ablation_spec_plans_7_projectors_x_3_seeds_and_every_conf
         assert dirs and all(d == str(run.path / "checkpoints") for d in dirs)  # not the recipe's shared folder
 
 
+def test_the_projector_ablation_runs_are_those_of_the_whole_recipe_file_it_replaced(tmp_path: Path) -> None:
+    """The spec names the 7B stage-1 recipe, whose own `base:` brings the LLaVA-1.5 base and stage overlay:
+    every run's config equal to the one planned on the whole file the recipe was before it was composed
+    (tests/fixtures/recipes/), and to the three parts named in the spec's `base:` one by one."""
+    raw = yaml.safe_load(PROJECTORS_SPEC.read_text())
+    assert raw["base"] == ["experiments/llava15_7b/stage1_align.yaml"]
+    whole = ["tests/fixtures/recipes/llava15_7b/stage1_align.yaml"]
+    parts = ["experiments/llava15/base.yaml", "experiments/llava15/stage1_align.yaml", *raw["base"]]
+    configs = {}
+    for name, base in (("spec", raw["base"]), ("whole", whole), ("parts", parts)):
+        sweep = load_spec({**raw, "base": base}, out=tmp_path / "projectors", cwd=ROOT)
+        configs[name] = [run_config(sweep, run) for run in plan(sweep)]
+    assert len(configs["spec"]) == 21 and "base" not in configs["spec"][0]
+    assert configs["spec"][0]["model"]["llm"]["name"] == "lmsys/vicuna-7b-v1.5"  # the size file's
+    assert configs["spec"][0]["model"]["optimizer"]["lr"] == 1.0e-3  # the stage overlay's
+    assert configs["spec"] == configs["whole"] == configs["parts"]
+
+
+def test_a_base_configs_own_base_error_stops_the_spec_naming_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "configs/run.yaml"
+    config.parent.mkdir()
+    config.write_text("base: [missing.yaml]\ntrainer: {max_steps: 1}\n")
+    raw = {"base": str(config), "grid": {"seed_everything": [0]}, "out": str(tmp_path / "out")}
+    with pytest.raises(SweepError, match=re.escape(f"{config}: `base` entry 'missing.yaml' is not a file")):
+        load_spec(raw, cwd=ROOT)
+
+
 # ---- end to end on the CPU ----------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from src.core.config_files import ConfigFileError, expand_config_args
 from src.launch.slurm.settings import SlurmError
 
 
@@ -54,6 +55,10 @@ def trainer_config(config_paths: Sequence[str | os.PathLike], overrides: Sequenc
             raise SlurmError(f"training config {path} does not exist")
         args += ["--config", str(path)]
     args += _without_ckpt_path([str(a) for a in overrides])
+    try:  # a config's `base:` expanded as src.cli expands it (the job's own command runs src.cli)
+        args = expand_config_args(args)
+    except ConfigFileError as error:
+        raise SlurmError(str(error)) from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from src.core.config_files import ConfigFileError, load_merged
 from src.launch.sweep.names import column_labels, compact, safe, value_labels
 from src.launch.sweep.spec import Sweep, SweepError, draw
 
@@ -70,9 +71,12 @@ def _has_parent(conf: DictConfig, key: str) -> bool:
 
 
 def base_config(sweep: Sweep) -> DictConfig:
-    """The base configs merged in order, then the overrides."""
-    confs = [OmegaConf.load(p) for p in sweep.base]
-    merged = OmegaConf.merge(*confs, _dotted(sweep.overrides))
+    """The base configs merged in order, each expanded by its own `base:` as `src.cli` expands a `--config`
+    (src/core/config_files.py), then the overrides."""
+    try:
+        merged = OmegaConf.merge(load_merged(sweep.base), _dotted(sweep.overrides))
+    except ConfigFileError as error:
+        raise SweepError(str(error)) from None
     assert isinstance(merged, DictConfig)
     for key in [*sweep.grid, *((sweep.random or {}).get("space") or {})]:
         if not _has_parent(merged, key):

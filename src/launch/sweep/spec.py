@@ -15,7 +15,8 @@ from typing import Any, Literal
 from jsonargparse import ArgumentParser
 from omegaconf import OmegaConf
 
-from src.launch.parsing import one_line
+from src.core.cli_config import one_line
+from src.core.config_files import ConfigFileError, config_chain
 
 SPEC_KEYS = ("base", "overrides", "grid", "random", "out", "test", "slurm")
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
@@ -45,7 +46,8 @@ class SweepSpec:
     """A sweep spec's keys, as jsonargparse parses them (typed and documented; docs/sweeps.md).
 
     Args:
-        base: the config file(s) every run starts from, merged in order (like repeated `--config`).
+        base: the config file(s) every run starts from, merged in order (like repeated `--config`); a
+            config that names its own `base:` brings its bases, as `python -m src.cli --config` does.
         overrides: merged into every run (nested or dotted keys).
         grid: dotted config key -> the values it takes; the runs are their cartesian product.
         random: `{n: draws, seed: int, space: {key: {uniform|log_uniform|int_uniform|choice: ...}}}`,
@@ -114,6 +116,11 @@ def load_spec(spec: str | Path | Mapping, out: str | Path | None = None, cwd: st
     missing = [str(p) for p in base_paths if not p.is_file()]
     if missing:
         raise SweepError(f"base config(s) not found: {missing} (paths are relative to {cwd})")
+    for path in base_paths:  # a config's own `base:` (relative to its folder), followed now: errors before planning
+        try:
+            config_chain(path)
+        except ConfigFileError as error:
+            raise SweepError(str(error)) from None
     grid = raw.get("grid") or {}
     if not isinstance(grid, dict):
         raise SweepError("`grid` maps config keys (dotted) to lists of values")
