@@ -19,6 +19,7 @@ which would run whatever code the file holds.
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import re
 import zipfile
@@ -29,6 +30,8 @@ import torch
 from torch import nn
 
 from src.core.constants import PARTS
+
+log = logging.getLogger(__name__)
 
 KIT_HPARAMS = ("tokenizer", "vision", "projector", "llm")  # what every LlavaLitModule checkpoint holds
 STATE_OR_CHECKPOINT = "a state dict or a kit checkpoint"  # what init_from takes
@@ -176,6 +179,14 @@ def load_parts(model: nn.Module, state: dict[str, torch.Tensor], source: str = "
     unexpected = sorted(k for k in state if k not in own)
     parts = [p for p in PARTS if any(k.startswith(f"{p}.") for k in state)]
     missing = sorted(k for k in own if k.split(".", 1)[0] in parts and k not in state)
+    if KIT_NEWLINE in missing and "projector" in parts:
+        # a projector trained on single views (LLaVA-1.5's stage 1, and LLaVA-NeXT's, whose stage 2 starts
+        # image_newline at its initialisation): the newline keeps this model's, said aloud
+        missing.remove(KIT_NEWLINE)
+        log.warning(
+            "%s: the projector weights have no %s (a projector trained without anyres unpad); it keeps its "
+            "initialisation, as LLaVA-NeXT's stage 2 starts it", source, KIT_NEWLINE,
+        )  # fmt: skip
     shapes = sorted(
         f"{k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
         for k in state

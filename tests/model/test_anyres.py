@@ -318,3 +318,31 @@ def test_fsdp2_gathers_the_newline_where_the_merge_runs():
         assert abs(got.item() - expected.item()) < 1e-5 and torch.isfinite(text_only).all()
     finally:
         dist.destroy_process_group()
+
+
+def test_a_projector_without_the_newline_loads_and_the_newline_keeps_its_start(caplog):
+    """LLaVA-NeXT's stage 1 is LLaVA-1.5's connector (one view per image) and its stage 2 starts
+    image_newline at its initialisation: init_from takes such a projector, the kit's or LLaVA's own
+    mm_projector.bin, into an anyres unpad model, and says that the newline was not in the file."""
+    from src.model.weights import load_parts
+
+    single_view = kit_model(merge="flat")  # the same projector, no newline
+    with torch.no_grad():
+        for p in single_view.projector.parameters():
+            p.add_(1.0)
+    state = {k: v for k, v in single_view.state_dict().items() if k.startswith("projector.")}
+    assert "projector.anyres.image_newline" not in state
+    llava_names = {"model.mm_projector." + k.removeprefix("projector.layers."): v for k, v in state.items()}
+    assert all(k.startswith("projector.layers.") for k in state)  # LLaVA: mm_projector.{0,2}.*
+    for file in (state, llava_names):
+        kit = kit_model()
+        start = kit.projector.anyres.image_newline.detach().clone()
+        with caplog.at_level("WARNING", logger="src.model.weights"):
+            assert load_parts(kit, file) == ["projector"]
+        assert torch.equal(kit.projector.anyres.image_newline, start)
+        for name, value in state.items():
+            assert torch.equal(kit.state_dict()[name], value), name
+        assert "have no projector.anyres.image_newline" in caplog.text
+        caplog.clear()
+    with pytest.raises(ValueError, match=r"keys missing from parts \['projector'\]: \['projector.layers.0.bias'\]"):
+        load_parts(kit_model(), {k: v for k, v in state.items() if k != "projector.layers.0.bias"})
