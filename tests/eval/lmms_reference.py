@@ -4,7 +4,7 @@
 pandas, which its MMBench evaluator needs). Its task modules import heavy packages at the top
 (datasets, loguru, sacrebleu, the package's own registry): `lmms_modules` loads only the files
 named, from the installed paths, with whatever of those is not importable stubbed in
-`sys.modules` for the duration, and restores `sys.modules` after. Nothing is copied into src/.
+`sys.modules` for the duration, and removes them and the lmms_eval modules after. Nothing is copied into src/.
 """
 
 from __future__ import annotations
@@ -97,6 +97,11 @@ def lmms_modules(*files: str, needs: tuple[str, ...] = ()) -> Iterator[dict[str,
             loaded[file] = module
         yield loaded
     finally:
+        # only lmms_eval's own modules and the stubs go: a real package the task code imported (datasets
+        # registers pyarrow extension types once per process) must stay, or its next import fails
+        stubbed = {name for name, module in sys.modules.items() if isinstance(module, types.ModuleType)
+                   and getattr(module, "__spec__", None) is None and name not in saved}  # fmt: skip
         for name in set(sys.modules) - set(saved):
-            del sys.modules[name]
+            if name == "lmms_eval" or name.startswith("lmms_eval.") or name in stubbed:
+                del sys.modules[name]
         sys.modules.update(saved)
