@@ -42,9 +42,17 @@ from pathlib import Path
 import torch
 import yaml
 
-from src.data.conversation import IMAGE_TAG, TEMPLATES, build_template
+from src.data.conversation import TEMPLATES, build_template
 from src.export_next import from_llava_next, llava_next_processor, to_llava_next
-from src.export_parts import NotExportable, assemble, check_tower, common_parts, kit_model_config, kit_state
+from src.export_parts import (
+    NotExportable,
+    assemble,
+    check_tower,
+    common_parts,
+    kit_model_config,
+    kit_state,
+    processor_settings,
+)
 from src.model.language import LLMConfig
 from src.model.llava import LlavaModel
 from src.model.projector import ProjectorConfig
@@ -225,12 +233,7 @@ def llava_processor(module, hf, chat_template: str | None):
     tower = module.model.vision
     return LlavaProcessor(
         image_processor=image_processor_for(tower.image_transform(), tower.model.config.patch_size),
-        tokenizer=module.tokenizer,
-        patch_size=tower.model.config.patch_size,
-        vision_feature_select_strategy=hf.config.vision_feature_select_strategy,
-        image_token=IMAGE_TAG,
-        num_additional_image_tokens=1 if tower.model.config.model_type == "clip_vision_model" else 0,
-        chat_template=chat_template,
+        **processor_settings(module, hf, chat_template),
     )
 
 

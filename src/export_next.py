@@ -21,8 +21,15 @@ from pathlib import Path
 
 import torch
 
-from src.data.conversation import IMAGE_TAG
-from src.export_parts import NotExportable, assemble, check_tower, common_parts, kit_model_config, kit_state
+from src.export_parts import (
+    NotExportable,
+    assemble,
+    check_tower,
+    common_parts,
+    kit_model_config,
+    kit_state,
+    processor_settings,
+)
 from src.model.llava import LlavaModel
 
 TARGET = "LlavaNext"
@@ -91,15 +98,9 @@ def llava_next_processor(module, hf, chat_template: str | None):
     `AnyresLayout` counts (its `_get_number_of_features`, less the CLS the `default` strategy drops)."""
     from transformers import LlavaNextProcessor
 
-    tower = module.model.vision
     return LlavaNextProcessor(
-        image_processor=llava_next_image_processor(tower.image_transform()),
-        tokenizer=module.tokenizer,
-        patch_size=tower.model.config.patch_size,
-        vision_feature_select_strategy=hf.config.vision_feature_select_strategy,
-        image_token=IMAGE_TAG,
-        num_additional_image_tokens=1 if tower.model.config.model_type == "clip_vision_model" else 0,
-        chat_template=chat_template,
+        image_processor=llava_next_image_processor(module.model.vision.image_transform()),
+        **processor_settings(module, hf, chat_template),
     )
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from src.core.constants import IMAGE_TAG
 from src.model.llava import LlavaModel
 from src.model.projector import LinearProjector, MLPProjector
 
@@ -243,4 +244,18 @@ def kit_model_config(config, vision_type: str) -> dict:
         },
         "projector": {"name": "mlp", "kwargs": {"depth": 2}},
         "llm": {"config": config.text_config.to_diff_dict() | {"model_type": config.text_config.model_type}},
+    }
+
+
+def processor_settings(module, hf, chat_template: str | None) -> dict:
+    """What transformers' Llava and LlavaNext processors both take from a kit module and its exported
+    model: the tokenizer, the tower's patch size and CLS count, the `<image>` token, the chat template."""
+    tower_config = module.model.vision.model.config
+    return {
+        "tokenizer": module.tokenizer,
+        "patch_size": tower_config.patch_size,
+        "vision_feature_select_strategy": hf.config.vision_feature_select_strategy,
+        "image_token": IMAGE_TAG,
+        "num_additional_image_tokens": 1 if tower_config.model_type == "clip_vision_model" else 0,
+        "chat_template": chat_template,
     }
