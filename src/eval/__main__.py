@@ -14,12 +14,13 @@ import argparse
 import logging
 from pathlib import Path
 
+from src.core.chat_client import ChatError
 from src.eval.benchmarks import BENCHMARKS
 
 
 def build_parser() -> argparse.ArgumentParser:
     listing = "\n".join(
-        f"  {name:<10} {BENCHMARKS.get(name).title} ({BENCHMARKS.get(name).answer_kind} answers): "
+        f"  {name:<11} {BENCHMARKS.get(name).title} ({BENCHMARKS.get(name).answer_kind} answers): "
         f"{BENCHMARKS.get(name).release}"
         for name in BENCHMARKS.names()
     )
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "--predictions", type=Path, required=True, help="JSONL: (id, answer) or (question_id, text)"
                 )
                 bench.add_argument(
-                    "--out", type=Path, required=True, help="folder for report.md, report.json, per_question.jsonl"
+                    "--out", type=Path, required=True, help="folder for report.md, report.json and per-question lines"
                 )
                 bench.add_argument("--method", default=None, help="row name (default: the predictions' model)")
     return parser
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
             print(benchmark.convert(args))
         else:
             print(benchmark.score(args), end="")
-    except (FileNotFoundError, ValueError, KeyError) as error:
+    except (FileNotFoundError, ValueError, KeyError, ChatError) as error:  # ChatError: a judge gave up
         parser.error(f"{args.benchmark}: {error}")
 
 

@@ -23,6 +23,9 @@ is asked again, up to `--max-attempts`, and then reported with its text, never d
 silence. A question without a model answer or reference is reported, not scored.
 Outputs: report.md, report.json and reviews.jsonl (LLaVA's review layout: question_id,
 category, content, tuple), so LLaVA's `summarize_gpt_review.py` reads it too.
+
+The benchmark registry runs the same functions as `llava_bench`
+(`python -m src.eval convert|score llava_bench --root RELEASE ...`, src/eval/benchmarks/llava_bench.py).
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ ALIASES = {
     "detailed_description": "detail",
 }
 CATEGORY_NAMES = {"conv": "Conversation", "detail": "Detail description", "complex": "Complex reasoning"}
+BENCHMARK = "llava_bench"  # its name in the benchmark registry (src/eval/benchmarks/llava_bench.py)
+ROW_COLUMNS = ("relative", "model_mean", "reference_mean")
 
 
 # ---------------------------------------------------------------- judge configuration
@@ -280,10 +285,15 @@ def evaluate(
         for r in reviews
         if r["scores"] is None
     ]
+    scores = relative_scores(reviews)
     report = {
+        "benchmark": BENCHMARK,
         "method": method or _model_name(model_answers, answers),
         "judge_model": config.model,
-        "scores": relative_scores(reviews),
+        "scores": scores,
+        # the registry's report layout (`python -m src.eval score`), which the sweep results collect
+        "columns": list(ROW_COLUMNS),
+        "rows": {name: {column: values[column] for column in ROW_COLUMNS} for name, values in scores.items()},
         "questions": len(rows),
         "reviewed": sum(r["scores"] is not None for r in reviews),
         "retries": sum(max(0, len(r["replies"]) - 1) for r in reviews),
@@ -353,8 +363,10 @@ def to_llava(questions: Path | str, references: Path | str | None = None) -> lis
     (predict drops it from the prompt and keeps it as the reference)."""
     refs = read_answers(references)[0] if references is not None else {}
     records = []
-    for row in read_jsonl(questions):
-        qid = str(row["question_id"])
+    for number, row in enumerate(read_jsonl(questions), start=1):
+        if row.get("question_id", row.get("id")) is None or not isinstance(row.get("text"), str):
+            raise ValueError(f"{questions}: question {number} (in file order) needs a question_id and a text")
+        qid = str(row.get("question_id", row.get("id")))
         record: dict = {"id": qid}
         text = row["text"]
         if row.get("image"):

@@ -18,7 +18,7 @@ from src.eval.benchmarks import BENCHMARKS, Benchmark, get_benchmark
 from src.eval.benchmarks.base import ANSWER_KINDS, register_benchmark, sample_id
 from tests.eval import test_benchmark_mmbench, test_benchmark_mme, test_benchmark_pope, test_benchmark_vqa
 
-EXPECTED = ["gqa", "mmbench", "mme", "pope", "scienceqa", "textvqa"]
+EXPECTED = ["gqa", "llava_bench", "mmbench", "mme", "pope", "scienceqa", "textvqa"]
 
 
 def test_help_lists_every_benchmark(capsys: pytest.CaptureFixture) -> None:

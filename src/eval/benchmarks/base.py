@@ -29,7 +29,7 @@ from src.data.conversation import IMAGE_TAG
 from src.eval.answers import read_answers
 from src.registry import Registry
 
-ANSWER_KINDS = ("letter", "yes_no", "short")
+ANSWER_KINDS = ("letter", "yes_no", "short", "judged")  # judged: rated by a judge LLM (LLaVA-Bench)
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 MAX_ID_LENGTH = 64  # the shard writer's key limit: an id that fits is written unchanged
 
@@ -128,24 +128,7 @@ class Benchmark:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         self.write_images(release, out)
-        records = self.records(release)
-        json_path = out / f"{self.name}_{args.split}.json"
-        json_path.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n")
-        line = f"{len(records)} questions -> {json_path} (images relative to {release.image_root})"
-        if release.skipped:
-            line += f"; skipped {sum(release.skipped.values())}: {release.skipped}"
-        if getattr(args, "json_only", False):
-            return line
-        from src.data.shards import write_shards
-
-        prefix = args.prefix or f"{self.name}_{args.split}"
-        summary = write_shards(records, release.image_root, out, prefix=prefix, max_count=args.max_count)
-        skipped = summary["skipped"]
-        return (
-            line
-            + f"; {summary['samples']} samples in {summary['shards']} shards {out}/{prefix}-*.tar"
-            + (f"; the shard writer skipped {sum(skipped.values())}: {dict(skipped)}" if skipped else "")
-        )
+        return write_converted(self.name, args, self.records(release), release.image_root, release.skipped)
 
     def evaluate(self, questions: list[Question], answers: dict[str, dict]) -> dict:
         """Reads every reply, runs the metric, and lists failures, missing and extra ids."""
@@ -221,6 +204,33 @@ class Benchmark:
                 }
                 stream.write(json.dumps(row, ensure_ascii=False) + "\n")
         return text
+
+
+def write_converted(
+    name: str, args: argparse.Namespace, records: list[dict], image_root: Path, skipped: dict[str, int] | None = None
+) -> str:
+    """`convert`'s output, shared by benchmarks with their own records (LLaVA-Bench): `<name>_<split>.json`
+    in `args.out`, and WebDataset shards of the records' images under `image_root` unless `--json-only`;
+    returns the summary line."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"{name}_{args.split}.json"
+    json_path.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n")
+    line = f"{len(records)} questions -> {json_path} (images relative to {image_root})"
+    if skipped:
+        line += f"; skipped {sum(skipped.values())}: {skipped}"
+    if getattr(args, "json_only", False):
+        return line
+    from src.data.shards import write_shards
+
+    prefix = args.prefix or f"{name}_{args.split}"
+    summary = write_shards(records, image_root, out, prefix=prefix, max_count=args.max_count)
+    dropped = summary["skipped"]
+    return (
+        line
+        + f"; {summary['samples']} samples in {summary['shards']} shards {out}/{prefix}-*.tar"
+        + (f"; the shard writer skipped {sum(dropped.values())}: {dict(dropped)}" if dropped else "")
+    )
 
 
 def to_record(benchmark: str, question: Question) -> dict:
